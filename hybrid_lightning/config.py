@@ -1,0 +1,279 @@
+"""HybridConfig: every knob of the plugin, as nested dataclasses that double as an OmegaConf schema.
+
+``HybridConfig.from_yaml(path)`` merges a YAML file onto the schema: unknown keys, wrong types and
+out-of-range values each raise one :class:`ConfigError` that names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hybrid_lightning.errors import ConfigError
+
+PREDICTORS = ("rssm", "constant_velocity")
+ON_NONFINITE = ("skip", "raise")
+
+
+@dataclass
+class TrajectoryConfig:
+    """How real updates are remembered and turned into a per-layer direction basis."""
+
+    basis_rank: int = 1  # directions per layer: the EMA of real updates, plus top principal directions
+    window: int = 0  # real updates kept for the principal directions (needs >= basis_rank when rank > 1)
+    ema_decay: float = 0.9  # decay of the EMA of real updates (direction 0)
+    basis_refresh: int = 10  # recompute principal directions every this many observed updates
+    stride: int = 4  # read the real update every this many real steps (cost vs resolution)
+
+
+@dataclass
+class DynamicsConfig:
+    """RSSM-lite sizes and online training."""
+
+    hidden_dim: int = 32
+    latent_dim: int = 8
+    ensemble_size: int = 3
+    samples: int = 4  # latent samples per member during a rollout
+    learning_rate: float = 3e-3
+    bptt_window: int = 8  # truncated back-propagation through time, in observed steps
+    train_every: int = 1  # one training update every this many observed steps
+    kl_weight: float = 0.1
+    confidence_decay: float = 0.95  # EMA decay of the one-step prediction error behind confidence
+
+
+@dataclass
+class ResidualConfig:
+    capacity: int = 256  # residuals kept (ring buffer)
+
+
+@dataclass
+class CorrectorConfig:
+    weight_correction: bool = True  # propose per-layer weight corrections (kept only if the probe improves)
+    initial_gain: float = 0.5
+    max_gain: float = 2.0
+    learning_rate: float = 0.05  # online SGD rate of the loss-residual model
+
+
+@dataclass
+class DivergenceConfig:
+    window: int = 50  # history the monitor's statistics use
+    min_history: int = 10  # observations before spike / explosion checks start
+    loss_sigma: float = 6.0  # loss z-score that counts as a spike
+    grad_explosion_factor: float = 10.0  # grad norm above factor x running median
+    grad_vanishing_factor: float = 1e-4  # grad norm below factor x running median
+    oscillation_threshold: float = 0.9  # fraction of sign flips of loss differences in the window
+    rollback_tolerance: float = 0.0  # keep a phase if probe loss after <= before * (1 + tolerance)
+
+
+@dataclass
+class BanditConfig:
+    arms: list[int] | None = None  # predict horizons; 0 = "do not predict". None: derived from max_predict_steps
+    alpha: float = 0.5  # LinUCB exploration width
+    ridge: float = 1.0  # LinUCB ridge prior
+    forward_cost: float = 0.33  # cost of a no-grad forward, in full-step units (reward bookkeeping)
+    apply_cost: float = 0.005  # cost of composing and applying one predicted delta, in full-step units
+    rollback_penalty: float = 1.0  # reward per rolled-back predicted step (a lost schedule step)
+    cooldown_steps: int = 100  # full steps without prediction once the horizon cap reaches 0 (doubles)
+
+
+@dataclass
+class HybridConfig:
+    """All plugin settings. Top-level fields are the phase machine's knobs."""
+
+    warmup_steps: int = 100  # real steps before anything is predicted
+    min_full_steps: int = 20  # real steps between two Predict phases
+    max_predict_steps: int = 20  # longest Predict phase (0 disables prediction)
+    predict_threshold: float = 0.6  # predict only when confidence > threshold
+    correct_steps: int = 1  # real steps of the Correct phase after each Predict phase
+    monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
+    predictor: str = "rssm"  # "rssm" or "constant_velocity"
+    on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
+    seed: int = 0
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    residuals: ResidualConfig = field(default_factory=ResidualConfig)
+    corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    bandit: BanditConfig = field(default_factory=BanditConfig)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> HybridConfig:
+        """Build from a (nested) dict, rejecting unknown keys and wrong types."""
+        schema = OmegaConf.structured(cls)
+        try:
+            merged = OmegaConf.merge(schema, OmegaConf.create(data or {}))
+            cfg = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as err:
+            raise ConfigError(_explain_omegaconf(err, source)) from None
+        assert isinstance(cfg, cls)
+        return cfg.validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> HybridConfig:
+        """Load a YAML file (a mapping of HybridConfig fields; nested sections as nested mappings)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends: report them all as config errors
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not OmegaConf.is_dict(data):
+            raise ConfigError(f"{path}: expected a mapping of HybridConfig fields, got {type(data).__name__}")
+        return cls.from_dict(OmegaConf.to_container(data), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def horizons(self) -> list[int]:
+        """Bandit arms: explicit ones, or 0 plus quarter/half/full max_predict_steps."""
+        if self.bandit.arms is not None:
+            return sorted(set(self.bandit.arms))
+        m = self.max_predict_steps
+        return sorted({0, *(h for h in (m // 4, m // 2, m) if h > 0)})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> HybridConfig:
+        """Raise one ConfigError listing every impossible value; return self when all are valid."""
+        problems: list[str] = []
+        c = _Checker(problems)
+        c.int_range("warmup_steps", self.warmup_steps, 0, None)
+        c.int_range("min_full_steps", self.min_full_steps, 1, None)
+        c.int_range("max_predict_steps", self.max_predict_steps, 0, 10_000)
+        c.float_range("predict_threshold", self.predict_threshold, 0.0, 1.0)
+        c.int_range("correct_steps", self.correct_steps, 1, 1_000)
+        c.int_range("monitor_every", self.monitor_every, 0, None)
+        c.choice("predictor", self.predictor, PREDICTORS)
+        c.choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        c.int_range("seed", self.seed, 0, 2**63 - 1)
+
+        t = self.trajectory
+        c.int_range("trajectory.basis_rank", t.basis_rank, 1, 16)
+        c.int_range("trajectory.window", t.window, 0, 1_024)
+        if t.basis_rank > 1 and t.window < t.basis_rank:
+            problems.append(
+                f"trajectory.window = {t.window} is too small for trajectory.basis_rank = {t.basis_rank}: "
+                "principal directions need window >= basis_rank"
+            )
+        c.float_range("trajectory.ema_decay", t.ema_decay, 0.0, 1.0, lo_open=True, hi_open=True)
+        c.int_range("trajectory.basis_refresh", t.basis_refresh, 1, None)
+        c.int_range("trajectory.stride", t.stride, 1, 10_000)
+
+        d = self.dynamics
+        c.int_range("dynamics.hidden_dim", d.hidden_dim, 2, 4_096)
+        c.int_range("dynamics.latent_dim", d.latent_dim, 1, 1_024)
+        c.int_range("dynamics.ensemble_size", d.ensemble_size, 1, 64)
+        c.int_range("dynamics.samples", d.samples, 1, 256)
+        c.float_range("dynamics.learning_rate", d.learning_rate, 0.0, 1.0, lo_open=True)
+        c.int_range("dynamics.bptt_window", d.bptt_window, 2, 1_024)
+        c.int_range("dynamics.train_every", d.train_every, 1, None)
+        c.float_range("dynamics.kl_weight", d.kl_weight, 0.0, 100.0)
+        c.float_range("dynamics.confidence_decay", d.confidence_decay, 0.0, 1.0, lo_open=True, hi_open=True)
+
+        c.int_range("residuals.capacity", self.residuals.capacity, 1, 1_000_000)
+
+        k = self.corrector
+        c.float_range("corrector.initial_gain", k.initial_gain, 0.0, 100.0)
+        c.float_range("corrector.max_gain", k.max_gain, 0.0, 100.0, lo_open=True)
+        if k.initial_gain > k.max_gain:
+            problems.append(
+                f"corrector.initial_gain = {k.initial_gain} exceeds corrector.max_gain = {k.max_gain}"
+            )
+        c.float_range("corrector.learning_rate", k.learning_rate, 0.0, 1.0, lo_open=True)
+
+        v = self.divergence
+        c.int_range("divergence.window", v.window, 5, 100_000)
+        c.int_range("divergence.min_history", v.min_history, 2, 100_000)
+        if v.min_history > v.window:
+            problems.append(
+                f"divergence.min_history = {v.min_history} exceeds divergence.window = {v.window}"
+            )
+        c.float_range("divergence.loss_sigma", v.loss_sigma, 0.0, None, lo_open=True)
+        c.float_range("divergence.grad_explosion_factor", v.grad_explosion_factor, 1.0, None, lo_open=True)
+        c.float_range("divergence.grad_vanishing_factor", v.grad_vanishing_factor, 0.0, 1.0, lo_open=True,
+                      hi_open=True)
+        c.float_range("divergence.oscillation_threshold", v.oscillation_threshold, 0.0, 1.0, lo_open=True)
+        c.float_range("divergence.rollback_tolerance", v.rollback_tolerance, 0.0, 10.0)
+
+        b = self.bandit
+        if b.arms is not None:
+            if len(b.arms) == 0:
+                problems.append("bandit.arms = [] is empty: give at least [0] or leave it null")
+            for arm in b.arms:
+                if not isinstance(arm, int) or isinstance(arm, bool) or arm < 0:
+                    problems.append(f"bandit.arms contains {arm!r}: arms must be integers >= 0")
+                elif arm > self.max_predict_steps:
+                    problems.append(
+                        f"bandit.arms contains {arm}, above max_predict_steps = {self.max_predict_steps}: "
+                        "arms must lie in [0, max_predict_steps]"
+                    )
+            if b.arms and 0 not in b.arms:
+                problems.append(f"bandit.arms = {list(b.arms)} must include 0 (the 'do not predict' arm)")
+        c.float_range("bandit.alpha", b.alpha, 0.0, 100.0)
+        c.float_range("bandit.ridge", b.ridge, 0.0, None, lo_open=True)
+        c.float_range("bandit.forward_cost", b.forward_cost, 0.0, 10.0)
+        c.float_range("bandit.apply_cost", b.apply_cost, 0.0, 10.0)
+        c.float_range("bandit.rollback_penalty", b.rollback_penalty, 0.0, 100.0)
+        c.int_range("bandit.cooldown_steps", b.cooldown_steps, 0, None)
+
+        if problems:
+            raise ConfigError("invalid HybridConfig:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+class _Checker:
+    """Collects range/type problems as human-readable lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def int_range(self, name: str, value: Any, lo: int, hi: int | None) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.problems.append(f"{name} = {value!r} must be an integer")
+            return
+        if value < lo or (hi is not None and value > hi):
+            upper = "" if hi is None else f" and <= {hi}"
+            self.problems.append(f"{name} = {value} is out of range: must be >= {lo}{upper}")
+
+    def float_range(self, name: str, value: Any, lo: float, hi: float | None, *, lo_open: bool = False,
+                    hi_open: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.problems.append(f"{name} = {value!r} must be a number")
+            return
+        bad = (
+            not math.isfinite(value)
+            or (value <= lo if lo_open else value < lo)
+            or (hi is not None and (value >= hi if hi_open else value > hi))
+        )
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open or hi is None else "]"
+            upper = "inf" if hi is None else f"{hi:g}"
+            self.problems.append(f"{name} = {value!r} is out of range: must lie in {left}{lo:g}, {upper}{right}")
+
+    def choice(self, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            self.problems.append(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _explain_omegaconf(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    if type(err).__name__ == "ConfigKeyError":
+        return f"{source}: unknown key {key!r} (not a HybridConfig field; check the spelling): {msg}"
+    return f"{source}: invalid value for {key!r}: {msg}"

@@ -1,0 +1,306 @@
+"""Parameter-space bookkeeping: real updates, a per-layer direction basis, deltas, snapshot/rollback.
+
+A *layer* is one parameter tensor. Everything is kept in flat buffers (one number per parameter,
+in the widest parameter dtype, at least float32) with per-layer views, so each operation is a few
+passes over memory. A predicted delta is a list with exactly the parameters' shapes and dtypes,
+built as ``delta_l = sum_k c[l, k] * D[k]_l`` over the basis D; it is never a per-layer scalar.
+
+Basis direction 0 is the bias-corrected EMA of real per-step updates (it carries the optimizer's
+preconditioning); directions 1..K-1, when ``basis_rank > 1``, are the top principal directions of
+a window of recent real updates, per layer, scaled to the typical update size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hybrid_lightning.config import TrajectoryConfig
+
+_TINY = 1e-30
+
+
+@dataclass
+class RealUpdate:
+    """Summary of one observed real update (per step, averaged over the observation stride)."""
+
+    coeffs: Tensor  # [L, K] least-squares coefficients of the update in the basis *before* it was added
+    layer_norms: Tensor  # [L] norm of the per-step update of each layer
+    norm: float  # global norm of the per-step update
+    cosine: float  # cosine between the update and basis direction 0 (0 before the first update)
+    param_norm: float  # global parameter norm
+
+
+class Trajectory:
+    """Tracks the parameters' real trajectory and applies predicted deltas to them."""
+
+    def __init__(self, params: Sequence[Tensor], config: TrajectoryConfig | None = None,
+                 names: Sequence[str] | None = None, buffers: Sequence[Tensor] = ()) -> None:
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("Trajectory needs at least one parameter tensor")
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must live on one device, got {sorted(map(str, devices))}")
+        if any(not p.is_floating_point() for p in self.params):
+            raise ValueError("all parameters must be floating point")
+        self.config = config or TrajectoryConfig()
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.params))]
+        if len(self.names) != len(self.params):
+            raise ValueError("names and params differ in length")
+        self.buffers = [b for b in buffers]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dtypes = [p.dtype for p in self.params]
+        self.device = self.params[0].device
+        self.flat_dtype = functools.reduce(torch.promote_types, self.dtypes, torch.float32)
+        self.numel = sum(self.numels)
+        self.n_layers = len(self.params)
+        self.rank = self.config.basis_rank
+        kw = {"device": self.device, "dtype": self.flat_dtype}
+        self._prev = self._flatten()
+        self._scratch = torch.empty(self.numel, **kw)
+        self._ema = torch.zeros(self.numel, **kw)
+        self._ema_weight = 0.0
+        w = self.config.window if self.rank > 1 else 0
+        self._window = torch.zeros(w, self.numel, **kw) if w else None
+        self._window_count = 0
+        self._pcs = torch.zeros(self.rank - 1, self.numel, **kw) if self.rank > 1 else None
+        self._max_norms = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.real_updates = 0
+        self._since_sync = 0
+        self._snapshot: Tensor | None = None
+        self._snapshot_buffers: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ flat helpers
+    def _flatten(self, out: Tensor | None = None) -> Tensor:
+        parts = [p.detach().reshape(-1).to(self.flat_dtype) for p in self.params]
+        if out is None:
+            return torch.cat(parts)
+        return torch.cat(parts, out=out)
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes)]
+
+    def _layer_dots(self, a: Tensor, b: Tensor) -> Tensor:
+        """[L] float64 per-layer dot products of two flat vectors (one read pass each)."""
+        dots = [x.dot(y) for x, y in zip(a.split(self.numels), b.split(self.numels))]
+        return torch.stack(dots).double().cpu()
+
+    def _scale_layers(self, flat: Tensor, coeffs: Tensor) -> list[Tensor]:
+        """Per layer: coeffs[l] * flat_l, as new tensors with the layer's shape (flat dtype)."""
+        return torch._foreach_mul(self._views(flat), coeffs.tolist())
+
+    # ------------------------------------------------------------------ basis
+    @property
+    def has_basis(self) -> bool:
+        return self._ema_weight > 0
+
+    def basis(self) -> list[Tensor]:
+        """The K flat basis directions (direction 0 = mean real per-step update)."""
+        mean = self._ema / self._ema_weight if self._ema_weight > 0 else self._ema
+        return [mean] + ([*self._pcs] if self._pcs is not None else [])
+
+    def _gram(self, basis: list[Tensor]) -> Tensor:
+        """[L, K, K] per-layer Gram matrices of the basis."""
+        k = len(basis)
+        g = torch.zeros(self.n_layers, k, k, dtype=torch.float64)
+        for i in range(k):
+            for j in range(i, k):
+                d = self._layer_dots(basis[i], basis[j])
+                g[:, i, j] = d
+                g[:, j, i] = d
+        return g
+
+    def coefficients(self, update: Tensor) -> Tensor:
+        """[L, K] least-squares coefficients of a flat update in the current basis (zeros if none)."""
+        if not self.has_basis:
+            return torch.zeros(self.n_layers, self.rank)
+        basis = self.basis()
+        g = self._gram(basis)
+        rhs = torch.stack([self._layer_dots(d, update) for d in basis], dim=1)  # [L, K]
+        scale = g.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_TINY)  # [L]
+        ridge = 1e-6 * scale[:, None, None] * torch.eye(len(basis), dtype=torch.float64)
+        coeffs = torch.linalg.solve(g + ridge, rhs.unsqueeze(-1)).squeeze(-1)
+        live = g.diagonal(dim1=1, dim2=2) > _TINY  # directions that are exactly zero get coefficient 0
+        return torch.where(live, coeffs, torch.zeros_like(coeffs)).float()
+
+    def _refresh_principal_directions(self) -> None:
+        assert self._window is not None and self._pcs is not None
+        n = min(self._window_count, self._window.shape[0])
+        if n < 2:
+            return
+        rows = [self._window[i] for i in range(n)]
+        gram = self._gram(rows)  # [L, n, n]
+        evals, evecs = torch.linalg.eigh(gram)  # ascending
+        for k in range(self.rank - 1):
+            idx = n - 1 - k
+            if idx < 0:
+                self._pcs[k].zero_()
+                continue
+            v = evecs[:, :, idx]  # [L, n]
+            lam = evals[:, idx].clamp_min(0)
+            # direction_l = U_l^T v_l / sqrt(lam_l): unit norm; rescale to the RMS update norm of the layer
+            rms = (gram.diagonal(dim1=1, dim2=2).sum(dim=1) / n).sqrt()
+            scale = torch.where(lam > _TINY, rms / lam.sqrt().clamp_min(_TINY), torch.zeros_like(lam))
+            self._pcs[k].zero_()
+            for i in range(n):
+                acc = self._scale_layers(rows[i], (v[:, i] * scale).float())
+                torch._foreach_add_(self._views(self._pcs[k]), acc)
+
+    # ------------------------------------------------------------------ observing real steps
+    def step_taken(self) -> bool:
+        """Count one real optimizer step; True when a stride is complete and the update should be read."""
+        self._since_sync += 1
+        return self._since_sync >= self.config.stride
+
+    def record_real(self) -> RealUpdate:
+        """Read the real update since the last sync (per step), add it to the basis, resync."""
+        steps = max(self._since_sync, 1)
+        cur = self._flatten(out=self._scratch)
+        update = cur.sub_(self._prev).div_(steps)  # in place in the scratch buffer
+        coeffs = self.coefficients(update)
+        sq = self._layer_dots(update, update)
+        layer_norms = sq.clamp_min(0).sqrt()
+        mean = self.basis()[0]
+        cos = 0.0
+        if self.has_basis:
+            num = float(self._layer_dots(update, mean).sum())
+            den = math.sqrt(float(sq.sum()) * float(self._layer_dots(mean, mean).sum()))
+            cos = num / den if den > 0 else 0.0
+        decay = self.config.ema_decay
+        self._ema.mul_(decay).add_(update, alpha=1.0 - decay)
+        self._ema_weight = decay * self._ema_weight + (1.0 - decay)
+        self._max_norms = torch.maximum(self._max_norms * 0.99, layer_norms)
+        if self._window is not None:
+            self._window[self._window_count % self._window.shape[0]].copy_(update)
+            self._window_count += 1
+        self.real_updates += 1
+        if self._pcs is not None and self.real_updates % self.config.basis_refresh == 0:
+            self._refresh_principal_directions()
+        self.sync()
+        param_norm = float(self._layer_dots(self._prev, self._prev).sum()) ** 0.5
+        return RealUpdate(coeffs, layer_norms.float(), float(sq.sum()) ** 0.5, cos, param_norm)
+
+    def sync(self) -> None:
+        """Forget the parameter change since the last sync (after predicted steps, rollback, corrections)."""
+        self._flatten(out=self._prev)
+        self._since_sync = 0
+
+    @property
+    def max_layer_norms(self) -> Tensor:
+        """[L] decayed maximum of observed per-step real update norms, per layer."""
+        return self._max_norms.float()
+
+    def basis_norms(self) -> Tensor:
+        """[L, K] norm of each basis direction per layer."""
+        return torch.stack([self._layer_dots(d, d).clamp_min(0).sqrt() for d in self.basis()], dim=1).float()
+
+    # ------------------------------------------------------------------ deltas
+    def compose(self, coeffs: Tensor) -> list[Tensor]:
+        """Delta with the parameters' shapes and dtypes: per layer, sum_k coeffs[l, k] * basis[k]_l."""
+        coeffs = coeffs.reshape(self.n_layers, self.rank)
+        basis = self.basis()
+        delta = self._scale_layers(basis[0], coeffs[:, 0])
+        for k in range(1, self.rank):
+            torch._foreach_add_(delta, self._scale_layers(basis[k], coeffs[:, k]))
+        return [d if d.dtype == dt else d.to(dt) for d, dt in zip(delta, self.dtypes)]
+
+    @staticmethod
+    def is_finite(delta: Sequence[Tensor]) -> bool:
+        norms = torch._foreach_norm(list(delta))
+        return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+    def apply(self, delta: Sequence[Tensor]) -> None:
+        """theta += delta, in place, one fused pass (shapes/dtypes must match the parameters)."""
+        if len(delta) != self.n_layers:
+            raise ValueError(f"delta has {len(delta)} tensors, the model has {self.n_layers} parameters")
+        for d, s, dt, name in zip(delta, self.shapes, self.dtypes, self.names):
+            if tuple(d.shape) != s or d.dtype != dt:
+                raise ValueError(f"delta for {name} is {tuple(d.shape)}/{d.dtype}, parameter is {s}/{dt}")
+        with torch.no_grad():
+            torch._foreach_add_(self.params, list(delta))
+
+    def params_finite(self) -> bool:
+        return self.is_finite([p.detach() for p in self.params])
+
+    # ------------------------------------------------------------------ snapshot / rollback
+    @property
+    def has_snapshot(self) -> bool:
+        return self._snapshot is not None
+
+    def snapshot(self) -> None:
+        """Remember the current parameters and buffers exactly."""
+        self._snapshot = self._flatten()
+        self._snapshot_buffers = [b.detach().clone() for b in self.buffers]
+
+    def rollback(self) -> None:
+        """Restore the snapshot bit for bit (parameters and buffers) and drop it."""
+        if self._snapshot is None:
+            raise RuntimeError("rollback without a snapshot")
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._views(self._snapshot))
+            for b, s in zip(self.buffers, self._snapshot_buffers or []):
+                b.copy_(s)
+        self.drop_snapshot()
+        self.sync()
+
+    def swap_snapshot(self) -> None:
+        """Exchange the live parameters with the snapshot (call twice to undo). Buffers stay."""
+        if self._snapshot is None:
+            raise RuntimeError("swap without a snapshot")
+        live = self._flatten(out=self._scratch)
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._views(self._snapshot))
+        self._snapshot, self._scratch = live, self._snapshot
+
+    def drop_snapshot(self) -> None:
+        self._snapshot = None
+        self._snapshot_buffers = None
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "prev": self._prev.clone(),
+            "ema": self._ema.clone(),
+            "ema_weight": self._ema_weight,
+            "window": None if self._window is None else self._window.clone(),
+            "window_count": self._window_count,
+            "pcs": None if self._pcs is None else self._pcs.clone(),
+            "max_norms": self._max_norms.clone(),
+            "real_updates": self.real_updates,
+            "since_sync": self._since_sync,
+            "snapshot": None if self._snapshot is None else self._snapshot.clone(),
+            "snapshot_buffers": None if self._snapshot_buffers is None else [b.clone() for b in
+                                                                              self._snapshot_buffers],
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        shapes = [tuple(s) for s in sd["shapes"]]
+        if shapes != self.shapes:
+            raise ValueError(
+                f"trajectory state is for {len(shapes)} parameters with other shapes; "
+                f"this model has {len(self.shapes)} (first mismatch: "
+                f"{next((a, b) for a, b in zip(shapes + [None], self.shapes + [None]) if a != b)})"
+            )
+        to = {"device": self.device, "dtype": self.flat_dtype}
+        self._prev = sd["prev"].to(**to).clone()
+        self._ema = sd["ema"].to(**to).clone()
+        self._ema_weight = float(sd["ema_weight"])
+        self._window = None if sd["window"] is None else sd["window"].to(**to).clone()
+        self._window_count = int(sd["window_count"])
+        self._pcs = None if sd["pcs"] is None else sd["pcs"].to(**to).clone()
+        self._max_norms = sd["max_norms"].double().clone()
+        self.real_updates = int(sd["real_updates"])
+        self._since_sync = int(sd["since_sync"])
+        self._snapshot = None if sd["snapshot"] is None else sd["snapshot"].to(**to).clone()
+        sb = sd["snapshot_buffers"]
+        self._snapshot_buffers = None if sb is None else [b.to(self.device).clone() for b in sb]

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hybrid_lightning.config import TrajectoryConfig
+from hybrid_lightning.core.trajectory import Trajectory
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+
+
+def step(params, seed, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale + scale)
+
+
+def test_delta_has_parameter_structure_and_is_basis_times_coefficients():
+    params = make_params()
+    traj = Trajectory(params, TrajectoryConfig(stride=1))
+    step(params, 1)
+    assert traj.step_taken()
+    traj.record_real()
+    coeffs = torch.tensor([[2.0], [0.5], [-1.0]])
+    delta = traj.compose(coeffs)
+    basis = traj.basis()[0].split(traj.numels)
+    for d, p, b, c in zip(delta, params, basis, coeffs[:, 0]):
+        assert d.shape == p.shape and d.dtype == p.dtype
+        torch.testing.assert_close(d.reshape(-1), c * b)
+
+
+def test_apply_adds_exactly_the_delta():
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    traj = Trajectory(params)
+    delta = [torch.full_like(p, 0.25) for p in params]
+    traj.apply(delta)
+    for p, b, d in zip(params, before, delta):
+        assert torch.equal(p.detach(), b + d)
+
+
+def test_apply_rejects_wrong_structure():
+    params = make_params()
+    traj = Trajectory(params)
+    with pytest.raises(ValueError, match="tensors"):
+        traj.apply([torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match="param1"):
+        traj.apply([torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 2, 2)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_snapshot_rollback_is_bit_exact_with_buffers(dtype):
+    params = make_params(dtype)
+    buf = torch.arange(5.0)
+    traj = Trajectory(params, buffers=[buf])
+    before = [p.detach().clone() for p in params]
+    traj.snapshot()
+    step(params, 3, scale=1.0)
+    buf.add_(7)
+    traj.rollback()
+    for p, b in zip(params, before):
+        assert p.dtype == dtype and torch.equal(p.detach(), b)
+    assert torch.equal(buf, torch.arange(5.0)) and not traj.has_snapshot
+
+
+def test_swap_snapshot_twice_is_identity():
+    params = make_params()
+    traj = Trajectory(params)
+    traj.snapshot()
+    snap = [p.detach().clone() for p in params]
+    step(params, 4, scale=0.5)
+    live = [p.detach().clone() for p in params]
+    traj.swap_snapshot()
+    assert all(torch.equal(p.detach(), s) for p, s in zip(params, snap))
+    traj.swap_snapshot()
+    assert all(torch.equal(p.detach(), v) for p, v in zip(params, live))
+
+
+def test_stride_averages_the_update_per_step():
+    params = make_params()
+    traj = Trajectory(params, TrajectoryConfig(stride=3))
+    with torch.no_grad():
+        for _ in range(3):
+            for p in params:
+                p.add_(0.1)
+            done = traj.step_taken()
+    assert done
+    upd = traj.record_real()
+    n = sum(p.numel() for p in params)
+    assert upd.norm == pytest.approx(0.1 * n**0.5, rel=1e-5)
+
+
+@given(st.lists(st.floats(-3, 3), min_size=2, max_size=2))
+def test_coefficients_recover_a_combination_of_the_basis(cs):
+    params = make_params()
+    traj = Trajectory(params, TrajectoryConfig(stride=1, basis_rank=2, window=4, basis_refresh=1))
+    for s in range(5):
+        step(params, 10 + s, scale=0.05)
+        traj.step_taken()
+        traj.record_real()
+    coeffs = torch.tensor([cs] * 3, dtype=torch.float32)
+    flat = torch.cat([d.reshape(-1) for d in traj.compose(coeffs)])
+    got = traj.coefficients(flat)
+    torch.testing.assert_close(got, coeffs, atol=2e-3, rtol=2e-3)
+
+
+def test_memory_is_fixed_regardless_of_steps():
+    params = make_params()
+    traj = Trajectory(params, TrajectoryConfig(stride=1, basis_rank=3, window=4))
+
+    def nbytes():
+        sd = traj.state_dict()
+        return sum(v.numel() * v.element_size() for v in sd.values() if isinstance(v, torch.Tensor))
+
+    step(params, 0)
+    traj.step_taken()
+    traj.record_real()
+    first = nbytes()
+    for s in range(200):
+        step(params, s)
+        traj.step_taken()
+        traj.record_real()
+    assert nbytes() == first
+
+
+def test_nonfinite_delta_detected():
+    params = make_params()
+    traj = Trajectory(params)
+    ok = [torch.zeros_like(p) for p in params]
+    bad = [torch.zeros_like(p) for p in params]
+    bad[1][0] = float("nan")
+    assert traj.is_finite(ok) and not traj.is_finite(bad)
+
+
+def test_state_dict_round_trip_and_shape_check():
+    params = make_params()
+    traj = Trajectory(params, TrajectoryConfig(stride=1))
+    step(params, 1)
+    traj.step_taken()
+    traj.record_real()
+    traj.snapshot()
+    other = Trajectory(make_params(seed=5), TrajectoryConfig(stride=1))
+    other.load_state_dict(traj.state_dict())
+    assert torch.equal(other.basis()[0], traj.basis()[0]) and other.has_snapshot
+    wrong = Trajectory([torch.zeros(2, 2)])
+    with pytest.raises(ValueError, match="other shapes"):
+        wrong.load_state_dict(traj.state_dict())

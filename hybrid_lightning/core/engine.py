@@ -1,0 +1,454 @@
+"""HybridEngine: owns state, trajectory, dynamics, residuals, corrector, monitor and bandit.
+
+Protocol, once per optimizer step::
+
+    plan = engine.plan()                 # what this step does: real step, or a delta to apply
+    ... run the step (real: forward/backward/optimizer; predicted: engine.apply(plan)) ...
+    report = engine.observe(StepObservation(loss=..., grad_norm=...), probe=probe)
+
+``probe`` evaluates the training loss (no grad) on the step's batch at the *current* parameters
+and returns a float that is identical on every process. At the end of a Predict phase the engine
+calls it twice, once with the phase's result and once with the pre-phase snapshot swapped in: the
+phase is kept only if it did not raise the loss on that same batch; otherwise it is rolled back
+bit for bit. Every decision depends only on the observations, the parameters and the seed, so
+the engine is deterministic, rank-consistent, and resumes exactly from ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hybrid_lightning.config import HybridConfig
+from hybrid_lightning.core.bandit import LinUCB, phase_reward
+from hybrid_lightning.core.corrector import ResidualCorrector
+from hybrid_lightning.core.divergence import DivergenceMonitor, DivergenceReport, Level
+from hybrid_lightning.core.dynamics import DynamicsModel, Prediction, make_dynamics, predict_y_steps
+from hybrid_lightning.core.phases import (
+    Phase,
+    PhaseLimits,
+    PhaseState,
+    initial_state,
+    next_phase,
+    ready_to_predict,
+)
+from hybrid_lightning.core.residuals import Residual, ResidualStore
+from hybrid_lightning.core.state import TrainingState
+from hybrid_lightning.core.trajectory import Trajectory
+from hybrid_lightning.errors import HybridTrainingError, NumericalError, RecoveryAction
+
+STATE_VERSION = 1
+
+Probe = Callable[[], float]
+
+
+@dataclass
+class StepPlan:
+    step: int  # index of this optimizer step (0-based)
+    phase: Phase
+    delta: list[Tensor] | None = None  # predicted step: add this to the parameters
+    run_forward: bool = True  # predicted step: run the user's forward for monitoring
+    measure_grad_norm: bool = False  # real step: report the gradient norm before clipping
+    predicted_loss: float | None = None  # predicted step: loss expected at the current parameters
+    predicted_std: float | None = None
+
+    @property
+    def runs_backward(self) -> bool:
+        return self.phase.runs_backward
+
+
+@dataclass
+class StepObservation:
+    loss: float | None = None  # mean training loss of the step over all processes (None: no forward ran)
+    grad_norm: float | None = None  # global gradient norm before clipping (real steps, when asked)
+    skipped: bool = False  # the real step's optimizer update was skipped (non-finite gradients)
+
+
+@dataclass
+class PhaseResult:
+    """How one Predict phase was judged."""
+
+    start_step: int
+    horizon: int  # steps the bandit chose
+    steps: int  # steps executed (fewer after an alarm)
+    loss_before: float  # probe loss at the snapshot
+    loss_after: float  # probe loss after the phase (after the correction, if one was kept)
+    predicted_change: float
+    residual: float  # actual - predicted change (loss units)
+    value: float  # q: loss progress per predicted step relative to a real step
+    reward: float
+    kept: bool
+    corrected: bool
+    reason: str
+
+
+@dataclass
+class StepReport:
+    step: int
+    phase: Phase
+    next_phase: Phase
+    events: list[HybridTrainingError] = field(default_factory=list)
+    phase_result: PhaseResult | None = None
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.phase_result is not None and not self.phase_result.kept
+
+
+class HybridEngine:
+    """The Warmup -> Full -> Predict -> Correct loop over a list of parameter tensors."""
+
+    def __init__(self, params: Sequence[Tensor], config: HybridConfig | None = None, *,
+                 names: Sequence[str] | None = None, buffers: Sequence[Tensor] = (),
+                 dynamics: DynamicsModel | None = None) -> None:
+        self.config = cfg = (config or HybridConfig()).validate()
+        self.limits = PhaseLimits(cfg.warmup_steps, cfg.min_full_steps, cfg.max_predict_steps, cfg.correct_steps,
+                                  cfg.predict_threshold)
+        self.trajectory = Trajectory(params, cfg.trajectory, names=names, buffers=buffers)
+        L, K = self.trajectory.n_layers, self.trajectory.rank
+        self.state = TrainingState(history=max(cfg.divergence.window, 2))
+        self.dynamics: DynamicsModel = dynamics or make_dynamics(cfg.predictor, L, K, cfg.dynamics, cfg.seed)
+        self.residuals = ResidualStore(cfg.residuals.capacity)
+        self.corrector = ResidualCorrector(L, K, cfg.corrector)
+        self.monitor = DivergenceMonitor(cfg.divergence)
+        self.bandit = LinUCB(cfg.horizons, cfg.bandit.alpha, cfg.bandit.ridge)
+        self.phase_state: PhaseState = initial_state(self.limits)
+        self.step = 0
+        self._plan: StepPlan | None = None
+        self._prediction: Prediction | None = None
+        self._phase_start: dict[str, Any] | None = None
+        self._block_loss = 0.0
+        self._block_count = 0
+        self._last_block_loss: float | None = None
+        self._horizon_cap = cfg.max_predict_steps
+        self._cooldown_until = 0
+        self._cooldown_len = cfg.bandit.cooldown_steps
+        self.counters: dict[str, int] = {
+            "real_steps": 0, "predicted_steps": 0, "skipped_steps": 0, "phases": 0, "kept": 0, "rollbacks": 0,
+            "corrections_tried": 0, "corrections_kept": 0, "probe_forwards": 0, "monitor_forwards": 0,
+            "divergence_events": 0,
+        }
+        self.last_phase_result: PhaseResult | None = None
+        self._events: list[HybridTrainingError] = []  # raised since the last report
+        self._unreported: PhaseResult | None = None  # judged inside plan(), reported by the next observe()
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def phase(self) -> Phase:
+        return self.phase_state.phase
+
+    def confidence(self) -> float:
+        return float(min(max(self.dynamics.confidence(), 0.0), 1.0))
+
+    @property
+    def horizon_cap(self) -> int:
+        return self._horizon_cap
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> StepPlan:
+        """What the next optimizer step does. Idempotent until ``observe`` is called."""
+        if self._plan is not None and self._plan.step == self.step:
+            return self._plan
+        ps = self.phase_state
+        if ps.phase is Phase.PREDICT:
+            if self._prediction is None:
+                self._begin_predict()
+            plan = self._plan_predicted_step()
+        else:
+            due = self.trajectory._since_sync + 1 >= self.config.trajectory.stride
+            plan = StepPlan(self.step, ps.phase, measure_grad_norm=due)
+        self._plan = plan
+        return plan
+
+    def _begin_predict(self) -> None:
+        ps = self.phase_state
+        self.trajectory.snapshot()
+        features = self.state.features()
+        loss0 = self.state.loss
+        floor = min(0.0, min(self.state.losses, default=0.0))
+        pred = predict_y_steps(self.dynamics, ps.horizon, self.config.trajectory.stride, loss0, floor)
+        shift = self.corrector.loss_correction(features, self.residuals, self.state.loss_scale)
+        if shift:
+            pred.loss = (pred.loss + shift * torch.arange(1, ps.horizon + 1) / ps.horizon).clamp_min(floor)
+        self._prediction = pred
+        self._phase_start = {"step": self.step, "horizon": ps.horizon, "features": features, "loss0": loss0,
+                             "forwards": 0}
+        self.counters["phases"] += 1
+
+    def _plan_predicted_step(self) -> StepPlan:
+        pred = self._prediction
+        assert pred is not None and self._phase_start is not None
+        y = self.phase_state.steps_in_phase
+        delta = self.trajectory.compose(pred.coeffs[y])
+        if not self.trajectory.is_finite(delta):
+            # refuse: undo the phase now, and run this step as the first real step of Correct
+            self._events.append(NumericalError("predicted delta contains NaN/Inf; refused, phase rolled back"))
+            self._unreported = self._finish_phase(None, forced_reason="nonfinite_delta")
+            self.phase_state = PhaseState(Phase.CORRECT)
+            return StepPlan(self.step, Phase.CORRECT, measure_grad_norm=True)
+        every = self.config.monitor_every
+        run_forward = every > 0 and y % every == 0
+        expected = float(pred.loss[y - 1]) if y > 0 else self._phase_start["loss0"]
+        std = float(pred.loss_std[y - 1]) if y > 0 else 0.0
+        return StepPlan(self.step, Phase.PREDICT, delta=delta, run_forward=run_forward, predicted_loss=expected,
+                        predicted_std=std)
+
+    def apply(self, plan: StepPlan) -> None:
+        """Apply a predicted step's delta to the parameters (in place)."""
+        if plan.delta is None:
+            raise ValueError(f"step {plan.step} is a {plan.phase.name} step; it has no delta to apply")
+        self.trajectory.apply(plan.delta)
+
+    # ------------------------------------------------------------------ observe
+    def observe(self, obs: StepObservation, probe: Probe | None = None) -> StepReport:
+        """Record the step that ``plan()`` described, judge phases, and choose the next phase."""
+        plan = self.plan() if self._plan is None else self._plan
+        if plan.step != self.step:
+            raise RuntimeError(f"observe() for step {self.step} but the plan is for step {plan.step}")
+        self._plan = None
+        report = StepReport(self.step, plan.phase, plan.phase, phase_result=self._unreported)
+        self._unreported = None
+        ps = self.phase_state
+        if plan.phase is Phase.PREDICT:
+            div = self._observe_predicted(plan, obs)
+        else:
+            div = self._observe_real(obs)
+        if div.error is not None:
+            self._events.append(div.error)
+            self.counters["divergence_events"] += 1
+        alarm = div.alarm
+        self.step += 1
+
+        if plan.phase is Phase.PREDICT:
+            if alarm or ps.steps_in_phase + 1 >= ps.horizon:
+                reason = "alarm:" + ",".join(div.signals) if alarm else None
+                report.phase_result = self._finish_phase(probe, forced_reason=reason)
+            self.phase_state = next_phase(ps, self.step, self.confidence(), alarm, 0, self.limits)
+        else:
+            if alarm or div.action is RecoveryAction.REDUCE_HORIZON:
+                self._shrink_horizon()
+            self.phase_state = self._next_after_real(ps, alarm)
+        report.next_phase = self.phase_state.phase
+        report.events, self._events = self._events, []
+        return report
+
+    def _observe_predicted(self, plan: StepPlan, obs: StepObservation) -> DivergenceReport:
+        self.counters["predicted_steps"] += 1
+        self.state.record_predicted(obs.loss)
+        if obs.loss is None:
+            return DivergenceReport()
+        self.counters["monitor_forwards"] += 1
+        assert self._phase_start is not None
+        self._phase_start["forwards"] += 1
+        return self.monitor.check_predicted(obs.loss, plan.predicted_loss, plan.predicted_std)
+
+    def _observe_real(self, obs: StepObservation) -> DivergenceReport:
+        self.counters["real_steps"] += 1
+        if obs.skipped:
+            self.counters["skipped_steps"] += 1
+            self.state.record_real(float("nan"))
+            err = NumericalError(f"step {self.step}: non-finite gradients; the optimizer update was skipped",
+                                 RecoveryAction.FORCE_FULL)
+            return DivergenceReport(Level.CRITICAL, ["nonfinite"], RecoveryAction.FORCE_FULL, err)
+        loss = obs.loss
+        div = self.monitor.check_real(loss, obs.grad_norm)
+        upd = None
+        if self.trajectory.step_taken():
+            upd = self.trajectory.record_real()
+            if not math.isfinite(upd.norm):
+                raise NumericalError(
+                    f"step {self.step}: parameters became NaN/Inf on a real (backward + optimizer) step; "
+                    "this is not caused by prediction and cannot be rolled back. Lower the learning rate or "
+                    "enable gradient clipping.", RecoveryAction.ABORT)
+        self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm,
+                               None if upd is None else upd.norm, None if upd is None else upd.cosine,
+                               None if upd is None else upd.param_norm)
+        if loss is not None and math.isfinite(loss):
+            self._block_loss += loss
+            self._block_count += 1
+        if upd is not None:
+            block = self._block_loss / self._block_count if self._block_count else None
+            if block is not None and self._last_block_loss is not None:
+                per_step = (block - self._last_block_loss) / self.config.trajectory.stride
+                self.dynamics.observe(self.state.features(), per_step, upd.coeffs)
+            self._last_block_loss = block
+            self._block_loss, self._block_count = 0.0, 0
+        return div
+
+    def _next_after_real(self, ps: PhaseState, alarm: bool) -> PhaseState:
+        horizon = 0
+        done = PhaseState(ps.phase, ps.steps_in_phase + 1, ps.horizon)
+        conf = self.confidence()
+        if ready_to_predict(done, conf, alarm, self.limits):
+            if self.step >= self._cooldown_until and self._horizon_cap > 0:
+                horizon = self.bandit.choose(self.state.features(), self._horizon_cap)
+        return next_phase(ps, self.step, conf, alarm, horizon, self.limits)
+
+    # ------------------------------------------------------------------ judging a phase
+    def _probe_pair(self, probe: Probe) -> tuple[float, float]:
+        after = float(probe())
+        self.trajectory.swap_snapshot()
+        try:
+            before = float(probe())
+        finally:
+            self.trajectory.swap_snapshot()
+        self.counters["probe_forwards"] += 2
+        return before, after
+
+    def _finish_phase(self, probe: Probe | None, forced_reason: str | None) -> PhaseResult:
+        """Judge the Predict phase that just ended: keep (maybe correct) or roll back. Then resync."""
+        start, pred = self._phase_start, self._prediction
+        assert start is not None and pred is not None
+        cfg = self.config
+        steps = max(self.step - start["step"], 0)
+        forwards = start["forwards"]
+        before = after = float("nan")
+        kept, corrected, reason = False, False, forced_reason or "probe"
+        if forced_reason is None and probe is not None:
+            before, after = self._probe_pair(probe)
+            forwards += 2
+            div = self.monitor.check_phase(before, after)
+            kept = not div.alarm
+            if div.error is not None:
+                self._events.append(div.error)
+        elif forced_reason is None:
+            reason = "no_probe"
+        predicted_change = float(pred.loss[steps - 1]) - start["loss0"] if steps > 0 else 0.0
+        actual = after - before
+        residual = actual - predicted_change
+        rate = self.state.progress_rate()
+        value = -actual / (max(steps, 1) * rate) if kept else 0.0
+        value = max(-5.0, min(5.0, value)) if math.isfinite(value) else 0.0
+
+        if kept:
+            self.trajectory.drop_snapshot()
+            if probe is not None and math.isfinite(residual):
+                corrected, after, extra = self._try_correction(probe, start["features"], residual, rate, after)
+                forwards += extra
+            self.counters["kept"] += 1
+        else:
+            self.trajectory.rollback()
+            self.counters["rollbacks"] += 1
+        self.trajectory.sync()
+        self._last_block_loss = None
+        self._block_loss, self._block_count = 0.0, 0
+
+        scale = self.state.loss_scale
+        if math.isfinite(residual):
+            r = Residual(self.step, steps, predicted_change, actual, start["features"])
+            self.residuals.add(r)
+            self.corrector.update_from_residual(r, scale)
+            self.dynamics.observe_residual(residual / scale)
+        elif not kept:
+            self.dynamics.observe_residual(10.0)
+        reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
+                              cfg.bandit.rollback_penalty)
+        self.bandit.update(start["horizon"], start["features"], reward)
+        self.state.record_phase_outcome(not kept, residual / scale if math.isfinite(residual) else 0.0, value)
+        if kept and reward > 0:
+            self._horizon_cap = cfg.max_predict_steps
+            self._cooldown_len = cfg.bandit.cooldown_steps
+        elif not kept:
+            self._shrink_horizon()
+        self._prediction, self._phase_start = None, None
+        result = PhaseResult(start["step"], start["horizon"], steps, before, after, predicted_change, residual,
+                             value, reward, kept, corrected, reason)
+        self.last_phase_result = result
+        return result
+
+    def _try_correction(self, probe: Probe, features: Tensor, residual: float, rate: float,
+                        after: float) -> tuple[bool, float, int]:
+        """Propose a weight correction; keep it only if the probe loss improves. -> (kept, loss, forwards)."""
+        traj = self.trajectory
+        corr = self.corrector.compute_correction(features, self.residuals, residual, self.state.loss_scale, rate,
+                                                 traj.basis_norms()[:, 0], traj.max_layer_norms)
+        if corr.coeffs is None:
+            return False, after, 0
+        delta = traj.compose(corr.coeffs)
+        if not traj.is_finite(delta):
+            return False, after, 0
+        traj.snapshot()
+        traj.apply(delta)
+        corrected = float(probe())
+        self.counters["probe_forwards"] += 1
+        self.counters["corrections_tried"] += 1
+        improved = math.isfinite(corrected) and corrected < after
+        self.corrector.record_outcome(improved)
+        if improved:
+            traj.drop_snapshot()
+            self.counters["corrections_kept"] += 1
+            return True, corrected, 1
+        traj.rollback()
+        return False, after, 1
+
+    def _shrink_horizon(self) -> None:
+        """Halve the horizon cap to the next arm down; at 0, pause prediction for a doubling cooldown."""
+        arms = [a for a in self.bandit.arms if 0 < a <= self._horizon_cap // 2]
+        if arms:
+            self._horizon_cap = max(arms)
+            return
+        self._horizon_cap = 0
+        self._cooldown_until = self.step + self._cooldown_len
+        self._cooldown_len = max(2 * self._cooldown_len, 1)
+        positive = [a for a in self.bandit.arms if a > 0]
+        if positive:
+            self._horizon_cap = min(positive)  # after the cooldown, probe again with the shortest horizon
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as tensors, lists, dicts, numbers and strings."""
+        pred = self._prediction
+        start = self._phase_start
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "phase": [int(self.phase_state.phase), self.phase_state.steps_in_phase, self.phase_state.horizon],
+            "prediction": None if pred is None else {
+                "loss": pred.loss.clone(), "loss_std": pred.loss_std.clone(), "coeffs": pred.coeffs.clone(),
+                "confidence": pred.confidence},
+            "phase_start": None if start is None else {**start, "features": start["features"].clone()},
+            "block": [self._block_loss, self._block_count, self._last_block_loss],
+            "horizon_cap": self._horizon_cap,
+            "cooldown": [self._cooldown_until, self._cooldown_len],
+            "counters": dict(self.counters),
+            "state": self.state.state_dict(),
+            "trajectory": self.trajectory.state_dict(),
+            "dynamics": self.dynamics.state_dict(),
+            "residuals": self.residuals.state_dict(),
+            "corrector": self.corrector.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "bandit": self.bandit.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        version = sd.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"engine state version {version!r}; this version of hybrid_lightning reads "
+                             f"{STATE_VERSION}")
+        # parts first: if any of them rejects the state, the engine is left untouched
+        self.trajectory.load_state_dict(sd["trajectory"])
+        self.dynamics.load_state_dict(sd["dynamics"])
+        self.residuals.load_state_dict(sd["residuals"])
+        self.corrector.load_state_dict(sd["corrector"])
+        self.monitor.load_state_dict(sd["monitor"])
+        self.bandit.load_state_dict(sd["bandit"])
+        self.state.load_state_dict(sd["state"])
+        self.step = int(sd["step"])
+        phase, steps_in, horizon = sd["phase"]
+        self.phase_state = PhaseState(Phase(int(phase)), int(steps_in), int(horizon))
+        p = sd["prediction"]
+        self._prediction = None if p is None else Prediction(p["loss"].clone(), p["loss_std"].clone(),
+                                                             p["coeffs"].clone(), float(p["confidence"]))
+        s = sd["phase_start"]
+        self._phase_start = None if s is None else {**s, "features": s["features"].clone()}
+        self._block_loss, self._block_count, self._last_block_loss = sd["block"]
+        self._horizon_cap = int(sd["horizon_cap"])
+        self._cooldown_until, self._cooldown_len = (int(x) for x in sd["cooldown"])
+        self.counters.update({k: int(v) for k, v in sd["counters"].items()})
+        self._plan = None

@@ -36,14 +36,14 @@ class TrajectoryConfig:
 class DynamicsConfig:
     """RSSM-lite sizes and online training."""
 
-    hidden_dim: int = 32
-    latent_dim: int = 8
-    ensemble_size: int = 3
+    hidden_dim: int = 32  # GRU state size
+    latent_dim: int = 8  # stochastic latent size
+    ensemble_size: int = 3  # independent members; their spread is part of the uncertainty
     samples: int = 4  # latent samples per member during a rollout
-    learning_rate: float = 3e-3
-    bptt_window: int = 8  # truncated back-propagation through time, in observed steps
-    train_every: int = 1  # one training update every this many observed steps
-    kl_weight: float = 0.1
+    learning_rate: float = 3e-3  # Adam learning rate of the online training
+    bptt_window: int = 6  # truncated back-propagation through time, in observed steps
+    train_every: int = 2  # one training update every this many observed steps
+    kl_weight: float = 0.1  # weight of KL(posterior || prior) in the training loss
     confidence_decay: float = 0.95  # EMA decay of the one-step prediction error behind confidence
 
 
@@ -55,8 +55,8 @@ class ResidualConfig:
 @dataclass
 class CorrectorConfig:
     weight_correction: bool = True  # propose per-layer weight corrections (kept only if the probe improves)
-    initial_gain: float = 0.5
-    max_gain: float = 2.0
+    initial_gain: float = 0.5  # weight correction in 'missed steps' per unit of residual / progress rate
+    max_gain: float = 2.0  # the gain grows 1.25x after a correction that helped, halves otherwise
     learning_rate: float = 0.05  # online SGD rate of the loss-residual model
 
 
@@ -94,7 +94,7 @@ class HybridConfig:
     monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
     predictor: str = "rssm"  # "rssm" or "constant_velocity"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
-    seed: int = 0
+    seed: int = 0  # seeds the dynamics model (initial weights, latent samples)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     residuals: ResidualConfig = field(default_factory=ResidualConfig)
@@ -277,3 +277,4 @@ def _explain_omegaconf(err: OmegaConfBaseException, source: str) -> str:
     if type(err).__name__ == "ConfigKeyError":
         return f"{source}: unknown key {key!r} (not a HybridConfig field; check the spelling): {msg}"
     return f"{source}: invalid value for {key!r}: {msg}"
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +49,13 @@ class DivergenceReport:
             self.level, self.action, self.error = level, action, error
 
 
+def _median(xs: list[float]) -> float:
+    """Plain-float median (statistics.median is exact but slow: it is called every step)."""
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
 def _finite(*xs: float | None) -> bool:
     return all(x is None or math.isfinite(x) for x in xs)
 
@@ -66,11 +72,13 @@ class DivergenceMonitor:
         if len(self.losses) < self.config.min_history:
             return None
         xs = list(self.losses)
-        med = statistics.median(xs)
-        mad = statistics.median(abs(x - med) for x in xs)
+        med = _median(xs)
+        mad = _median([abs(x - med) for x in xs])
+        mean = sum(xs) / len(xs)
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
         # 1.4826 * MAD estimates sigma for Gaussian noise; half the std covers two-valued (oscillating)
         # histories where the MAD collapses to 0; the floor keeps flat losses from alarming on rounding
-        spread = max(1.4826 * mad, 0.5 * statistics.pstdev(xs), 1e-3 * abs(med), 1e-8)
+        spread = max(1.4826 * mad, 0.5 * std, 1e-3 * abs(med), 1e-8)
         return med, spread
 
     def loss_zscore(self, loss: float) -> float:
@@ -104,7 +112,7 @@ class DivergenceMonitor:
                                TrainingInstability(f"loss spike on a real step: loss={loss:.4g} is {z:.1f} "
                                                    f"robust sigmas above the recent median"))
             if grad_norm is not None and len(self.grad_norms) >= c.min_history:
-                med = statistics.median(self.grad_norms)
+                med = _median(list(self.grad_norms))
                 if med > 0 and grad_norm > c.grad_explosion_factor * med:
                     r.raise_to(Level.WARNING, "grad_explosion", RecoveryAction.FORCE_FULL,
                                TrainingInstability(f"gradient norm {grad_norm:.4g} exceeds "

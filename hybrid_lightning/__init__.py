@@ -12,10 +12,17 @@ from hybrid_lightning.errors import (
     RecoveryAction,
     TrainingInstability,
 )
+from hybrid_lightning.lightning import (
+    HybridDDPStrategy,
+    HybridPredictiveTraining,
+    HybridReport,
+    HybridSingleDeviceStrategy,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "HybridConfig", "HybridTrainingError", "IncompatibleSetupError",
+    "CheckpointError", "ConfigError", "HybridConfig", "HybridDDPStrategy", "HybridPredictiveTraining",
+    "HybridReport", "HybridSingleDeviceStrategy", "HybridTrainingError", "IncompatibleSetupError",
     "NumericalError", "Phase", "PredictionDivergence", "RecoveryAction", "TrainingInstability", "__version__",
 ]

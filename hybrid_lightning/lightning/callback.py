@@ -1,0 +1,319 @@
+"""HybridPredictiveTraining: the Lightning callback that connects the engine to a Trainer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from hybrid_lightning.config import HybridConfig
+from hybrid_lightning.core.engine import HybridEngine, StepObservation, StepPlan, StepReport
+from hybrid_lightning.errors import (
+    CheckpointError,
+    IncompatibleSetupError,
+    NumericalError,
+    PredictionDivergence,
+    RecoveryAction,
+)
+from hybrid_lightning.lightning.metrics import HybridMetrics, HybridReport, _Curve
+from hybrid_lightning.lightning.strategy import HybridStrategyMixin, _loss_of
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+def _as_config(config: HybridConfig | str | os.PathLike | dict | None) -> HybridConfig:
+    if config is None:
+        return HybridConfig().validate()
+    if isinstance(config, HybridConfig):
+        return config.validate()
+    if isinstance(config, dict):
+        return HybridConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return HybridConfig.from_yaml(config)
+    raise TypeError(f"config must be a HybridConfig, a dict or a path to a YAML file, not {type(config).__name__}")
+
+
+class HybridPredictiveTraining(Callback):
+    """Skip backward passes with predicted, verified weight updates.
+
+    Use with ``Trainer(strategy="hybrid")`` (one device) or ``strategy="hybrid_ddp"`` (DDP). After
+    ``warmup_steps`` real steps, whenever the dynamics model is confident and the bandit expects a
+    gain, a Predict phase applies predicted deltas instead of backward + optimizer; a paired probe
+    at its end keeps the phase or rolls it back exactly. ``report`` summarizes the fit.
+
+    Args:
+        config: a :class:`HybridConfig`, a dict of its fields, or a path to a YAML file.
+        report_dir: where ``hybrid_report.json``/``.png`` go (default: the trainer's log dir).
+        verbose: print the report table at the end of fit (rank 0 only).
+    """
+
+    def __init__(self, config: HybridConfig | str | None = None, report_dir: str | None = None,
+                 verbose: bool = True) -> None:
+        self.config = _as_config(config)
+        self.report_dir = report_dir
+        self.verbose = verbose
+        self.engine: HybridEngine | None = None
+        self.report = HybridReport()
+        self._metrics = HybridMetrics()
+        self._curve = _Curve()
+        self._pending_state: dict[str, Any] | None = None
+        self._open: dict[str, Any] | None = None  # the optimizer step in progress
+        self._params: list[torch.Tensor] = []
+        self._restore_pb: Any = None
+        self._state_key: str | None = None
+
+    # ------------------------------------------------------------------ identity / persistence
+    @property
+    def state_key(self) -> str:
+        # Lightning reads this on every hook call: compute it once (the config is fixed at construction)
+        if self._state_key is None:
+            digest = hashlib.sha1(self.config.to_yaml().encode()).hexdigest()[:12]
+            self._state_key = self._generate_state_key(config=digest)
+        return self._state_key
+
+    def state_dict(self) -> dict[str, Any]:
+        engine_state = self.engine.state_dict() if self.engine is not None else None
+        return {"version": CHECKPOINT_VERSION, "engine": engine_state, "report": self._report_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = state_dict  # applied once the engine exists (on_fit_start)
+
+    def _report_state(self) -> dict[str, Any]:
+        return {"steps": dict(self.report.steps), "seconds": dict(self.report.seconds)}
+
+    # ------------------------------------------------------------------ setup checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if not isinstance(strategy, HybridStrategyMixin):
+            raise IncompatibleSetupError(
+                f"HybridPredictiveTraining needs a hybrid strategy, but the Trainer uses "
+                f"{type(strategy).__name__}. Pass Trainer(strategy='hybrid') for one device or "
+                "strategy='hybrid_ddp' for several (sharded strategies such as FSDP and DeepSpeed are not "
+                "supported yet).")
+        if not pl_module.automatic_optimization:
+            raise IncompatibleSetupError(
+                f"{type(pl_module).__name__} uses manual optimization, which HybridPredictiveTraining does not "
+                "support: the plugin replaces Lightning's automatic backward/optimizer step. Use automatic "
+                "optimization or remove the callback.")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise IncompatibleSetupError(
+                f"HybridPredictiveTraining supports exactly one optimizer; configure_optimizers returned "
+                f"{len(trainer.optimizers)}. Combine the parameter groups into one optimizer.")
+        optimizer = trainer.optimizers[0]
+        seen: set[int] = set()
+        params = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        if not params:
+            raise IncompatibleSetupError("the optimizer has no trainable parameters")
+        names_by_id = {id(p): n for n, p in pl_module.named_parameters()}
+        names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        buffers = [b for b in pl_module.buffers()]
+        self._params = params
+        self.engine = HybridEngine(params, self.config, names=names, buffers=buffers)
+        self.report = HybridReport()
+        self._metrics = HybridMetrics()
+        self._curve = _Curve()
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        strategy = trainer.strategy
+        assert isinstance(strategy, HybridStrategyMixin)
+        strategy.hybrid_apply = self.engine.apply
+        strategy.hybrid_plan = None
+        self._open = None
+        self._attach_progress_bar(trainer)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.engine is not None
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != CHECKPOINT_VERSION or state.get("engine") is None:
+            raise CheckpointError(
+                f"the checkpoint's HybridPredictiveTraining state has version {version!r} (this plugin writes "
+                f"{CHECKPOINT_VERSION}) or no engine state; the model weights in it are fine. Resume without this "
+                "callback state by loading the weights only, or use the plugin version that wrote it.")
+        try:
+            self.engine.load_state_dict(state["engine"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"the checkpoint's HybridPredictiveTraining state is unusable: {err}. The model "
+                                  "weights in it are fine.") from err
+        rep = state.get("report") or {}
+        self.report.steps.update(rep.get("steps", {}))
+        self.report.seconds.update(rep.get("seconds", {}))
+
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._open is not None:
+            return  # inside a gradient-accumulation window: the phase stays as planned
+        assert self.engine is not None
+        plan = self.engine.plan()
+        trainer.strategy.hybrid_plan = plan  # type: ignore[attr-defined]
+        self._open = {"plan": plan, "global_step": trainer.global_step, "t0": time.perf_counter(),
+                      "loss": None, "grad_norm": None, "skipped": False}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._open is None:
+            return
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())) if grads else 0.0
+        if math.isfinite(norm):
+            self._open["grad_norm"] = norm
+            return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # AMP loss-scale overflow: the GradScaler skips this update itself; routine, not an error
+        if self.config.on_nonfinite == "raise":
+            raise NumericalError(
+                f"non-finite gradients at step {trainer.global_step} (on_nonfinite='raise'). Check the inputs and "
+                "the learning rate, or set on_nonfinite='skip' to skip such steps.", RecoveryAction.ABORT)
+        for p in self._params:
+            p.grad = None  # the optimizer skips parameters without gradients: no NaN reaches weights or state
+        self._open["skipped"] = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = self._open
+        if step is None:
+            return
+        plan: StepPlan = step["plan"]
+        loss = _loss_of(outputs)
+        if loss is not None and (plan.runs_backward or plan.run_forward):
+            loss = loss.detach().float()
+            step["loss"] = loss if step["loss"] is None else step["loss"] + loss
+        if trainer.global_step == step["global_step"]:
+            return  # accumulating: the optimizer step is not complete yet
+        assert self.engine is not None
+        strategy = trainer.strategy
+        value = None
+        if step["loss"] is not None:
+            value = float(strategy.reduce(step["loss"].clone(), reduce_op="mean"))
+        obs = StepObservation(loss=value, grad_norm=step["grad_norm"] if plan.measure_grad_norm else None,
+                              skipped=step["skipped"])
+        probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]
+        report = self.engine.observe(obs, probe=probe)
+        strategy.hybrid_plan = None  # type: ignore[attr-defined]
+        self._open = None
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        self._account(report, time.perf_counter() - step["t0"], value)
+        self._log(trainer, pl_module, report, value)
+
+    def _account(self, report: StepReport, seconds: float, loss: float | None) -> None:
+        name = report.phase.name
+        self.report.steps[name] += 1
+        self.report.seconds[name] += seconds
+        self._metrics.update(report)
+        if loss is not None and math.isfinite(loss):
+            self._curve.add(report.step, loss, report.phase)
+        for err in report.events:
+            level = logging.INFO if isinstance(err, PredictionDivergence) else logging.WARNING
+            log.log(level, "hybrid step %d: %s: %s (recovery: %s)", report.step, type(err).__name__, err,
+                    err.recovery.value)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: StepReport,
+             loss: float | None) -> None:
+        connector = getattr(trainer, "_logger_connector", None)
+        if not (report.phase_result is not None or getattr(connector, "should_update_logs", True)):
+            return
+        assert self.engine is not None
+        values: dict[str, float] = {
+            "hybrid/phase": float(report.phase),
+            "hybrid/confidence": self.engine.confidence(),
+            "hybrid/backward_skip_ratio": self._metrics.values()["backward_skip_ratio"],
+            "hybrid/rollbacks": float(self.engine.counters["rollbacks"]),
+            "hybrid/horizon_cap": float(self.engine.horizon_cap),
+        }
+        if loss is not None:
+            values["hybrid/actual_loss"] = loss
+        r = report.phase_result
+        if r is not None:
+            values.update({
+                "hybrid/horizon": float(r.horizon),
+                "hybrid/predicted_loss_change": r.predicted_change,
+                "hybrid/actual_loss_change": r.loss_after - r.loss_before,
+                "hybrid/residual": r.residual,
+                "hybrid/value": r.value,
+                "hybrid/reward": r.reward,
+            })
+        values = {k: v for k, v in values.items() if math.isfinite(v)}
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+
+    # ------------------------------------------------------------------ progress bar
+    def _attach_progress_bar(self, trainer: pl.Trainer) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is None or self._restore_pb is not None:
+            return
+        original = bar.get_metrics
+
+        def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            metrics = {k: v for k, v in original(trainer, pl_module).items() if not k.startswith("hybrid/")}
+            if self.engine is not None:
+                metrics["phase"] = self.engine.phase.name.lower()
+                metrics["skip"] = f"{100 * self._skip_ratio():.0f}%"
+            return metrics
+
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+        self._restore_pb = (bar, original)
+
+    def _skip_ratio(self) -> float:
+        s = self.report.steps
+        total = sum(s.values())
+        return s["PREDICT"] / total if total else 0.0
+
+    # ------------------------------------------------------------------ end of fit
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finalize()
+        if trainer.is_global_zero:
+            out = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.report.save_json(out / "hybrid_report.json")
+            self.report.plot(out / "hybrid_report.png")
+            if self.verbose:
+                print(f"\nhybrid_lightning report ({out / 'hybrid_report.json'})\n{self.report.table()}\n")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._restore_pb is not None:
+            bar, original = self._restore_pb
+            bar.get_metrics = original  # type: ignore[method-assign]
+            self._restore_pb = None
+        strategy = trainer.strategy
+        if isinstance(strategy, HybridStrategyMixin):
+            strategy.hybrid_plan = None
+            strategy.hybrid_apply = None
+        self._open = None
+
+    def _finalize(self) -> None:
+        e = self.engine
+        if e is None:
+            return
+        c = e.counters
+        r = self.report
+        r.backward_skipped = r.steps["PREDICT"]
+        r.backward_passes = r.steps["WARMUP"] + r.steps["FULL"] + r.steps["CORRECT"]
+        r.predict_phases, r.kept_phases, r.rollbacks = c["phases"], c["kept"], c["rollbacks"]
+        r.corrections_kept, r.divergence_events = c["corrections_kept"], c["divergence_events"]
+        r.skipped_nonfinite_steps, r.probe_forwards = c["skipped_steps"], c["probe_forwards"]
+        vals = self._metrics.values()
+        r.mean_abs_residual, r.mean_value = vals["mean_abs_residual"], vals["mean_value"]
+        r.bandit_mean_reward = {str(k): v for k, v in e.bandit.mean_rewards().items() if k}
+        r.final_horizon_cap = e.horizon_cap
+        r.curve = list(self._curve.points)
+

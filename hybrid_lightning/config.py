@@ -29,7 +29,7 @@ class TrajectoryConfig:
     window: int = 0  # real updates kept for the principal directions (needs >= basis_rank when rank > 1)
     ema_decay: float = 0.9  # decay of the EMA of real updates (direction 0)
     basis_refresh: int = 10  # recompute principal directions every this many observed updates
-    stride: int = 4  # read the real update every this many real steps (cost vs resolution)
+    stride: int = 8  # read the real update every this many real steps (cost vs resolution)
 
 
 @dataclass

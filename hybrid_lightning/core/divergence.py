@@ -105,8 +105,9 @@ class DivergenceMonitor:
                        NumericalError(f"non-finite value on a real step: loss={loss}, grad_norm={grad_norm}",
                                       RecoveryAction.FORCE_FULL))
         else:
-            if loss is not None:
-                z = self.loss_zscore(loss)
+            cs = self._loss_center_spread() if loss is not None else None
+            if loss is not None and cs is not None:
+                z = (loss - cs[0]) / cs[1]
                 if z > c.loss_sigma:
                     r.raise_to(Level.WARNING, "loss_spike", RecoveryAction.FORCE_FULL,
                                TrainingInstability(f"loss spike on a real step: loss={loss:.4g} is {z:.1f} "
@@ -123,9 +124,7 @@ class DivergenceMonitor:
                                                    f"{c.grad_vanishing_factor:g} x running median {med:.3g}",
                                                    RecoveryAction.REDUCE_HORIZON))
             if loss is not None:
-                cs = self._loss_center_spread()
-                clipped = loss if cs is None else min(loss, cs[0] + c.loss_sigma * cs[1])
-                self.losses.append(clipped)
+                self.losses.append(loss if cs is None else min(loss, cs[0] + c.loss_sigma * cs[1]))
             if grad_norm is not None:
                 self.grad_norms.append(grad_norm)
             if self._oscillating():

@@ -310,20 +310,27 @@ class RSSMLite:
         """One truncated-BPTT update over the stored window (all GRU, latent and head weights learn)."""
         net = self.net
         h, z = self._window[0][0], self._window[0][1]
-        recon = pred = kl = torch.zeros(())
-        for _, _, obs, target in self._window:
+        hs, zs, mus, sds = [], [], [], []
+        for _, _, obs, _ in self._window:
             h = net.gru(h, z)
             mu_p, sd_p = net.prior(h)
             mu_q, sd_q = net.posterior(h, obs)
             z = mu_q + sd_q * torch.randn(mu_q.shape, generator=self.generator)
-            tgt = target.expand(net.M, 1, -1)
-            lm, lv, cm = net.decode(h, z)
-            recon = recon + self._nll(lm, lv, cm, tgt)
-            lm_p, lv_p, cm_p = net.decode(h, mu_p)
-            pred = pred + self._nll(lm_p, lv_p, cm_p, tgt)
-            kl = kl + (torch.log(sd_p / sd_q) + (sd_q**2 + (mu_q - mu_p) ** 2) / (2 * sd_p**2) - 0.5).sum(-1).mean()
+            hs.append(h)
+            zs.append(z)
+            mus.append((mu_p, mu_q))
+            sds.append((sd_p, sd_q))
         n = len(self._window)
-        loss = (recon + pred + self.config.kl_weight * kl) / n
+        # decode every step at once, from the posterior sample (reconstruction) and the prior mean (prediction)
+        h_all = torch.cat(hs + hs, dim=1)  # [M, 2n, H]
+        z_all = torch.cat(zs + [m[0] for m in mus], dim=1)
+        targets = torch.cat([t for *_, t in self._window]).reshape(1, n, -1).expand(net.M, n, -1)
+        lm, lv, cm = net.decode(h_all, z_all)
+        nll = self._nll(lm, lv, cm, torch.cat([targets, targets], dim=1))
+        mu_p, mu_q = (torch.cat(x, dim=1) for x in zip(*mus))
+        sd_p, sd_q = (torch.cat(x, dim=1) for x in zip(*sds))
+        kl = (torch.log(sd_p / sd_q) + (sd_q**2 + (mu_q - mu_p) ** 2) / (2 * sd_p**2) - 0.5).sum(-1).mean()
+        loss = 2 * nll + self.config.kl_weight * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

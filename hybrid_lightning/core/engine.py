@@ -142,6 +142,12 @@ class HybridEngine:
     def phase(self) -> Phase:
         return self.phase_state.phase
 
+    @property
+    def prediction_enabled(self) -> bool:
+        """False when the config makes a Predict phase impossible (threshold >= 1, no horizon > 0)."""
+        return (self.limits.max_predict_steps > 0 and self.limits.predict_threshold < 1.0
+                and max(self.bandit.arms) > 0)
+
     def confidence(self) -> float:
         return float(min(max(self.dynamics.confidence(), 0.0), 1.0))
 
@@ -259,6 +265,11 @@ class HybridEngine:
         div = self.monitor.check_real(loss, obs.grad_norm)
         upd = None
         if self.trajectory.step_taken():
+            if not self.prediction_enabled:
+                # nothing will ever be predicted: monitor only, skip the trajectory and the dynamics model
+                self.trajectory.skip_observation()
+                self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm)
+                return div
             upd = self.trajectory.record_real()
             if not math.isfinite(upd.norm):
                 raise NumericalError(

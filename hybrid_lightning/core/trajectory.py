@@ -8,6 +8,10 @@ built as ``delta_l = sum_k c[l, k] * D[k]_l`` over the basis D; it is never a pe
 Basis direction 0 is the bias-corrected EMA of real per-step updates (it carries the optimizer's
 preconditioning); directions 1..K-1, when ``basis_rank > 1``, are the top principal directions of
 a window of recent real updates, per layer, scaled to the typical update size.
+
+Reading a real update costs about six passes over the parameters (flatten, subtract, two per-layer
+dot products, the EMA update), every ``stride`` real steps; the per-layer norms of direction 0 are
+kept up to date algebraically instead of recomputed.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ class Trajectory:
         kw = {"device": self.device, "dtype": self.flat_dtype}
         self._prev = self._flatten()
         self._scratch = torch.empty(self.numel, **kw)
-        self._ema = torch.zeros(self.numel, **kw)
+        self._ema = torch.zeros(self.numel, **kw)  # bias-corrected: the mean real per-step update
         self._ema_weight = 0.0
+        self._ema_sq = torch.zeros(self.n_layers, dtype=torch.float64)  # per-layer ||ema||^2
         w = self.config.window if self.rank > 1 else 0
         self._window = torch.zeros(w, self.numel, **kw) if w else None
         self._window_count = 0
@@ -103,9 +108,8 @@ class Trajectory:
         return self._ema_weight > 0
 
     def basis(self) -> list[Tensor]:
-        """The K flat basis directions (direction 0 = mean real per-step update)."""
-        mean = self._ema / self._ema_weight if self._ema_weight > 0 else self._ema
-        return [mean] + ([*self._pcs] if self._pcs is not None else [])
+        """The K flat basis directions (direction 0 = mean real per-step update). Views, not copies."""
+        return [self._ema] + ([*self._pcs] if self._pcs is not None else [])
 
     def _gram(self, basis: list[Tensor]) -> Tensor:
         """[L, K, K] per-layer Gram matrices of the basis."""
@@ -118,10 +122,17 @@ class Trajectory:
                 g[:, j, i] = d
         return g
 
-    def coefficients(self, update: Tensor) -> Tensor:
-        """[L, K] least-squares coefficients of a flat update in the current basis (zeros if none)."""
+    def coefficients(self, update: Tensor, dot0: Tensor | None = None) -> Tensor:
+        """[L, K] least-squares coefficients of a flat update in the current basis (zeros if none).
+
+        ``dot0``: the per-layer dot products of ``update`` with direction 0, if already computed.
+        """
         if not self.has_basis:
             return torch.zeros(self.n_layers, self.rank)
+        if self.rank == 1:
+            d0 = self._layer_dots(update, self._ema) if dot0 is None else dot0
+            live = self._ema_sq > _TINY
+            return torch.where(live, d0 / self._ema_sq.clamp_min(_TINY), torch.zeros_like(d0)).float()[:, None]
         basis = self.basis()
         g = self._gram(basis)
         rhs = torch.stack([self._layer_dots(d, update) for d in basis], dim=1)  # [L, K]
@@ -160,32 +171,40 @@ class Trajectory:
         self._since_sync += 1
         return self._since_sync >= self.config.stride
 
+    def skip_observation(self) -> None:
+        """Close a stride without reading the update (when nothing will use it)."""
+        self._since_sync = 0
+
     def record_real(self) -> RealUpdate:
         """Read the real update since the last sync (per step), add it to the basis, resync."""
         steps = max(self._since_sync, 1)
         cur = self._flatten(out=self._scratch)
-        update = cur.sub_(self._prev).div_(steps)  # in place in the scratch buffer
-        coeffs = self.coefficients(update)
+        update = torch.sub(cur, self._prev, out=self._prev)  # the old theta is not needed any more
+        if steps > 1:
+            update.div_(steps)
+        self._prev, self._scratch = cur, update  # prev := current parameters (the sync)
+        self._since_sync = 0
+        dot0 = self._layer_dots(update, self._ema)
         sq = self._layer_dots(update, update)
-        layer_norms = sq.clamp_min(0).sqrt()
-        mean = self.basis()[0]
-        cos = 0.0
-        if self.has_basis:
-            num = float(self._layer_dots(update, mean).sum())
-            den = math.sqrt(float(sq.sum()) * float(self._layer_dots(mean, mean).sum()))
-            cos = num / den if den > 0 else 0.0
+        coeffs = self.coefficients(update, dot0)
+        den = math.sqrt(float(sq.sum()) * float(self._ema_sq.sum()))
+        cos = float(dot0.sum()) / den if self.has_basis and den > 0 else 0.0
         decay = self.config.ema_decay
-        self._ema.mul_(decay).add_(update, alpha=1.0 - decay)
         self._ema_weight = decay * self._ema_weight + (1.0 - decay)
+        a = (1.0 - decay) / self._ema_weight  # bias-corrected EMA: mean += a * (update - mean)
+        self._ema.lerp_(update, a)
+        self._ema_sq = (1 - a) ** 2 * self._ema_sq + 2 * a * (1 - a) * dot0 + a**2 * sq
+        layer_norms = sq.clamp_min(0).sqrt()
         self._max_norms = torch.maximum(self._max_norms * 0.99, layer_norms)
         if self._window is not None:
             self._window[self._window_count % self._window.shape[0]].copy_(update)
             self._window_count += 1
         self.real_updates += 1
-        if self._pcs is not None and self.real_updates % self.config.basis_refresh == 0:
-            self._refresh_principal_directions()
-        self.sync()
-        param_norm = float(self._layer_dots(self._prev, self._prev).sum()) ** 0.5
+        if self.real_updates % self.config.basis_refresh == 0:
+            self._ema_sq = self._layer_dots(self._ema, self._ema)  # drop the recursion's rounding drift
+            if self._pcs is not None:
+                self._refresh_principal_directions()
+        param_norm = float(torch.linalg.vector_norm(cur))
         return RealUpdate(coeffs, layer_norms.float(), float(sq.sum()) ** 0.5, cos, param_norm)
 
     def sync(self) -> None:
@@ -200,7 +219,8 @@ class Trajectory:
 
     def basis_norms(self) -> Tensor:
         """[L, K] norm of each basis direction per layer."""
-        return torch.stack([self._layer_dots(d, d).clamp_min(0).sqrt() for d in self.basis()], dim=1).float()
+        norms = [self._ema_sq] + [self._layer_dots(d, d) for d in self.basis()[1:]]
+        return torch.stack(norms, dim=1).clamp_min(0).sqrt().float()
 
     # ------------------------------------------------------------------ deltas
     def compose(self, coeffs: Tensor) -> list[Tensor]:
@@ -272,6 +292,7 @@ class Trajectory:
             "prev": self._prev.clone(),
             "ema": self._ema.clone(),
             "ema_weight": self._ema_weight,
+            "ema_sq": self._ema_sq.clone(),
             "window": None if self._window is None else self._window.clone(),
             "window_count": self._window_count,
             "pcs": None if self._pcs is None else self._pcs.clone(),
@@ -295,6 +316,7 @@ class Trajectory:
         self._prev = sd["prev"].to(**to).clone()
         self._ema = sd["ema"].to(**to).clone()
         self._ema_weight = float(sd["ema_weight"])
+        self._ema_sq = sd["ema_sq"].double().clone()
         self._window = None if sd["window"] is None else sd["window"].to(**to).clone()
         self._window_count = int(sd["window_count"])
         self._pcs = None if sd["pcs"] is None else sd["pcs"].to(**to).clone()

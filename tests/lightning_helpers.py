@@ -72,3 +72,19 @@ def trainer(callbacks, max_steps=120, **kw):
                     num_sanity_val_steps=0)
     defaults.update(kw)
     return L.Trainer(callbacks=callbacks, **defaults)
+
+
+class StepData(TinyRegressor):
+    """Each batch is a pure function of (epoch, batch_idx): resuming mid-epoch sees exactly the same data,
+    whatever the loader does. The loader only supplies indices."""
+
+    def train_dataloader(self):
+        return DataLoader(range(64), batch_size=None)
+
+    def training_step(self, batch, batch_idx):
+        g = torch.Generator().manual_seed(10_000 * self.current_epoch + batch_idx)
+        x = torch.randn(32, 8, generator=g)
+        y = torch.tanh(x @ torch.linspace(-1, 1, 16).reshape(8, 2)) + 0.05 * torch.randn(32, 2, generator=g)
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss

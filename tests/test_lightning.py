@@ -7,7 +7,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning_helpers import TinyRegressor, eager_config, trainer
 
 from hybrid_lightning import (
     HybridConfig,
@@ -16,6 +15,7 @@ from hybrid_lightning import (
     IncompatibleSetupError,
     Phase,
 )
+from lightning_helpers import TinyRegressor, eager_config, trainer
 
 
 class Spy(Callback):

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from hybrid_lightning.config import HybridConfig
 from hybrid_lightning.core.engine import HybridEngine, StepObservation, StepPlan, StepReport
+from hybrid_lightning.core.phases import Phase, PhaseState
 from hybrid_lightning.errors import (
     CheckpointError,
     IncompatibleSetupError,
@@ -56,10 +57,18 @@ class HybridPredictiveTraining(Callback):
         config: a :class:`HybridConfig`, a dict of its fields, or a path to a YAML file.
         report_dir: where ``hybrid_report.json``/``.png`` go (default: the trainer's log dir).
         verbose: print the report table at the end of fit (rank 0 only).
+        on_bad_state: resuming from a checkpoint whose plugin state is from another plugin version or
+            unusable: ``"raise"`` a :class:`CheckpointError` (default) or start the engine ``"fresh"``
+            in the Full phase with a warning. A checkpoint with no plugin state at all (e.g. from a
+            run without the plugin) always starts fresh in Full, with a warning. Model weights,
+            optimizer and schedulers are restored by Lightning either way.
     """
 
     def __init__(self, config: HybridConfig | str | None = None, report_dir: str | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, on_bad_state: str = "raise") -> None:
+        if on_bad_state not in ("raise", "fresh"):
+            raise ValueError(f"on_bad_state must be 'raise' or 'fresh', not {on_bad_state!r}")
+        self.on_bad_state = on_bad_state
         self.config = _as_config(config)
         self.report_dir = report_dir
         self.verbose = verbose
@@ -135,6 +144,9 @@ class HybridPredictiveTraining(Callback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
+        elif trainer.ckpt_path is not None:
+            self._start_fresh(f"the checkpoint {trainer.ckpt_path} has no HybridPredictiveTraining state "
+                              f"(state_key {self.state_key!r})")
         strategy = trainer.strategy
         assert isinstance(strategy, HybridStrategyMixin)
         strategy.hybrid_apply = self.engine.apply
@@ -145,19 +157,37 @@ class HybridPredictiveTraining(Callback):
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.engine is not None
         version = state.get("version") if isinstance(state, dict) else None
-        if version != CHECKPOINT_VERSION or state.get("engine") is None:
+        problem = None
+        if version != CHECKPOINT_VERSION:
+            problem = (f"the checkpoint's HybridPredictiveTraining state has version {version!r}; this plugin "
+                       f"reads version {CHECKPOINT_VERSION}")
+        elif not isinstance(state.get("engine"), dict):
+            problem = "the checkpoint's HybridPredictiveTraining state has no engine state"
+        else:
+            snapshot = self.engine.state_dict()
+            try:
+                self.engine.load_state_dict(state["engine"])
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as err:
+                self.engine.load_state_dict(snapshot)  # nothing half-loaded
+                problem = f"the checkpoint's HybridPredictiveTraining state is unusable ({type(err).__name__}: {err})"
+        if problem is None:
+            rep = state.get("report") or {}
+            self.report.steps.update(rep.get("steps", {}))
+            self.report.seconds.update(rep.get("seconds", {}))
+            return
+        if self.on_bad_state == "raise":
             raise CheckpointError(
-                f"the checkpoint's HybridPredictiveTraining state has version {version!r} (this plugin writes "
-                f"{CHECKPOINT_VERSION}) or no engine state; the model weights in it are fine. Resume without this "
-                "callback state by loading the weights only, or use the plugin version that wrote it.")
-        try:
-            self.engine.load_state_dict(state["engine"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"the checkpoint's HybridPredictiveTraining state is unusable: {err}. The model "
-                                  "weights in it are fine.") from err
-        rep = state.get("report") or {}
-        self.report.steps.update(rep.get("steps", {}))
-        self.report.seconds.update(rep.get("seconds", {}))
+                f"{problem}. The model weights, optimizer and scheduler states in the checkpoint are unaffected. "
+                "Pass HybridPredictiveTraining(..., on_bad_state='fresh') to resume them with a fresh engine, or "
+                "use the plugin version that wrote the checkpoint.")
+        self._start_fresh(problem)
+
+    def _start_fresh(self, why: str) -> None:
+        """Documented fallback: a new engine in the Full phase (the model is already trained; no warmup)."""
+        assert self.engine is not None
+        self.engine.phase_state = PhaseState(Phase.FULL)
+        log.warning("%s; the plugin starts a fresh engine in the Full phase: it observes min_full_steps real steps "
+                    "before it may predict. Model weights, optimizer and schedulers were restored normally.", why)
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -171,12 +201,22 @@ class HybridPredictiveTraining(Callback):
                       "loss": None, "grad_norm": None, "skipped": False}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._open is None:
+        step = self._open
+        if step is None:
             return
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())) if grads else 0.0
-        if math.isfinite(norm):
-            self._open["grad_norm"] = norm
+        strategy = trainer.strategy
+        loss_finite, strategy.hybrid_loss_finite = strategy.hybrid_loss_finite, None  # type: ignore[attr-defined]
+        if step["plan"].measure_grad_norm:
+            # one read pass over the gradients, on observation steps only
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())) if grads else 0.0
+            finite = math.isfinite(norm)
+            if finite:
+                step["grad_norm"] = norm
+        else:
+            # between observations, a non-finite loss (NaN inputs, Inf loss) is the signal: a scalar check
+            finite = loss_finite is None or bool(loss_finite)
+        if finite:
             return
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # AMP loss-scale overflow: the GradScaler skips this update itself; routine, not an error
@@ -230,6 +270,8 @@ class HybridPredictiveTraining(Callback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: StepReport,
              loss: float | None) -> None:
+        if not trainer.loggers:
+            return
         connector = getattr(trainer, "_logger_connector", None)
         if not (report.phase_result is not None or getattr(connector, "should_update_logs", True)):
             return
@@ -237,7 +279,7 @@ class HybridPredictiveTraining(Callback):
         values: dict[str, float] = {
             "hybrid/phase": float(report.phase),
             "hybrid/confidence": self.engine.confidence(),
-            "hybrid/backward_skip_ratio": self._metrics.values()["backward_skip_ratio"],
+            "hybrid/backward_skip_ratio": self._skip_ratio(),
             "hybrid/rollbacks": float(self.engine.counters["rollbacks"]),
             "hybrid/horizon_cap": float(self.engine.horizon_cap),
         }
@@ -281,8 +323,9 @@ class HybridPredictiveTraining(Callback):
     # ------------------------------------------------------------------ end of fit
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finalize()
+        # trainer.log_dir is a collective under DDP: every rank must ask, before rank 0 writes
+        out = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            out = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
             out.mkdir(parents=True, exist_ok=True)
             self.report.save_json(out / "hybrid_report.json")
             self.report.plot(out / "hybrid_report.png")

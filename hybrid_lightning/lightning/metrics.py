@@ -16,26 +16,27 @@ from hybrid_lightning.core.phases import Phase
 
 
 class HybridMetrics:
-    """Running aggregates over the fit, on the CPU. Values are rank-identical (decisions are)."""
+    """Aggregates over the judged Predict phases of a fit (torchmetrics, on the CPU).
+
+    Updated once per phase, not per step: per-step counts live in the report. Values are
+    rank-identical because every decision is.
+    """
 
     def __init__(self) -> None:
-        self.skip = MeanMetric()  # fraction of optimizer steps without backward
-        self.residual = MeanMetric()  # mean |residual| of judged Predict phases (loss units)
-        self.value = MeanMetric()  # mean q of judged phases
+        self.residual = MeanMetric()  # mean |residual| (loss units)
+        self.value = MeanMetric()  # mean q
         self.rollbacks = SumMetric()
-        self.events = SumMetric()
         self.max_horizon = MaxMetric()
 
     def update(self, report: StepReport) -> None:
-        self.skip.update(1.0 if report.phase is Phase.PREDICT else 0.0)
-        self.events.update(float(len(report.events)))
         r = report.phase_result
-        if r is not None:
-            if math.isfinite(r.residual):
-                self.residual.update(abs(r.residual))
-            self.value.update(r.value)
-            self.rollbacks.update(0.0 if r.kept else 1.0)
-            self.max_horizon.update(float(r.horizon))
+        if r is None:
+            return
+        if math.isfinite(r.residual):
+            self.residual.update(abs(r.residual))
+        self.value.update(r.value)
+        self.rollbacks.update(0.0 if r.kept else 1.0)
+        self.max_horizon.update(float(r.horizon))
 
     @staticmethod
     def _get(metric: Any) -> float:
@@ -44,8 +45,8 @@ class HybridMetrics:
         return float(metric.compute())
 
     def values(self) -> dict[str, float]:
-        return {"backward_skip_ratio": self._get(self.skip), "mean_abs_residual": self._get(self.residual),
-                "mean_value": self._get(self.value), "rollbacks": self._get(self.rollbacks)}
+        return {"mean_abs_residual": self._get(self.residual), "mean_value": self._get(self.value),
+                "rollbacks": self._get(self.rollbacks), "max_horizon": self._get(self.max_horizon)}
 
 
 class _Curve:

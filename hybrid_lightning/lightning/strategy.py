@@ -69,9 +69,15 @@ class HybridStrategyMixin:
         with torch.no_grad():
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
+    # AND of isfinite(loss) over the micro-batches of the current optimizer step (a tensor: no device sync)
+    hybrid_loss_finite: Tensor | None = None
+
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self._predicting():
             return closure_loss
+        finite = torch.isfinite(closure_loss.detach()).all()
+        prev = self.hybrid_loss_finite
+        self.hybrid_loss_finite = finite if prev is None else prev & finite
         return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:

@@ -73,7 +73,7 @@ class DivergenceConfig:
 
 @dataclass
 class BanditConfig:
-    arms: list[int] | None = None  # predict horizons; 0 = "do not predict". None: derived from max_predict_steps
+    arms: list[int] | None = None  # predict horizons; 0 = "do not predict". None: 0 and 1/10, 1/4, 1/2, 1 x max
     alpha: float = 0.5  # LinUCB exploration width
     ridge: float = 1.0  # LinUCB ridge prior
     forward_cost: float = 0.33  # cost of a no-grad forward, in full-step units (reward bookkeeping)
@@ -141,11 +141,11 @@ class HybridConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def horizons(self) -> list[int]:
-        """Bandit arms: explicit ones, or 0 plus quarter/half/full max_predict_steps."""
+        """Bandit arms: explicit ones, or 0 plus a tenth, a quarter, half and all of max_predict_steps."""
         if self.bandit.arms is not None:
             return sorted(set(self.bandit.arms))
         m = self.max_predict_steps
-        return sorted({0, *(h for h in (m // 4, m // 2, m) if h > 0)})
+        return sorted({0, *(h for h in (m // 10, m // 4, m // 2, m) if h > 0)})
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> HybridConfig:

@@ -12,7 +12,7 @@ from hybrid_lightning import ConfigError, HybridConfig
 
 def test_defaults_are_valid_and_arms_derive_from_max_predict_steps():
     cfg = HybridConfig().validate()
-    assert cfg.horizons == [0, 5, 10, 20]
+    assert cfg.horizons == [0, 2, 5, 10, 20]
     assert HybridConfig(max_predict_steps=3).horizons == [0, 1, 3]
     assert HybridConfig(max_predict_steps=0).horizons == [0]
 

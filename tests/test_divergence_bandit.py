@@ -120,3 +120,12 @@ def test_bandit_is_deterministic_and_round_trips(pulls, feats):
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.scores(x), a.scores(x))
     assert all(math.isfinite(v) for v in a.scores(x).tolist())
+
+
+def test_relative_noise_near_zero_loss_is_not_a_spike():
+    m = DivergenceMonitor()
+    for i in range(60):
+        assert not m.check_real(2.0 * 0.85**i, 1.0).alarm  # converging from 2.0 to ~1e-4
+    for x in [1e-5, 3e-5, 1e-5, 4e-5, 2e-5] * 12:
+        assert not m.check_real(x, 1.0).alarm
+    assert m.check_real(0.5, 1.0).alarm  # a real jump back up is still caught

@@ -66,6 +66,7 @@ class DivergenceMonitor:
         self.losses: deque[float] = deque(maxlen=c.window)
         self.grad_norms: deque[float] = deque(maxlen=c.window)
         self.events = 0
+        self.peak = 0.0  # largest median loss seen: the scale of "meaningful" loss changes
 
     # ------------------------------------------------------------------ statistics
     def _loss_center_spread(self) -> tuple[float, float] | None:
@@ -76,9 +77,11 @@ class DivergenceMonitor:
         mad = _median([abs(x - med) for x in xs])
         mean = sum(xs) / len(xs)
         std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+        self.peak = max(self.peak, abs(med))
         # 1.4826 * MAD estimates sigma for Gaussian noise; half the std covers two-valued (oscillating)
-        # histories where the MAD collapses to 0; the floor keeps flat losses from alarming on rounding
-        spread = max(1.4826 * mad, 0.5 * std, 1e-3 * abs(med), 1e-8)
+        # histories where the MAD collapses to 0. The floor is relative to the largest loss level seen:
+        # near convergence a loss of 1e-5 that triples is noise, not a spike.
+        spread = max(1.4826 * mad, 0.5 * std, 1e-2 * self.peak, 1e-12)
         return med, spread
 
     def loss_zscore(self, loss: float) -> float:
@@ -178,9 +181,11 @@ class DivergenceMonitor:
         return r
 
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "events": self.events}
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "events": self.events,
+                "peak": self.peak}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.losses = deque((float(x) for x in sd["losses"]), maxlen=self.config.window)
         self.grad_norms = deque((float(x) for x in sd["grad_norms"]), maxlen=self.config.window)
         self.events = int(sd["events"])
+        self.peak = float(sd["peak"])

@@ -85,6 +85,8 @@ class PhaseResult:
     kept: bool
     corrected: bool
     reason: str
+    correction_loss: float = float("nan")  # probe loss with the proposed weight correction (nan: none tried)
+    loss_uncorrected: float = float("nan")  # probe loss after the phase, before any correction
 
 
 @dataclass
@@ -125,7 +127,8 @@ class HybridEngine:
         self._block_loss = 0.0
         self._block_count = 0
         self._last_block_loss: float | None = None
-        self._horizon_cap = cfg.max_predict_steps
+        # start cautiously: the shortest horizon; each Predict phase that pays unlocks the next longer one
+        self._horizon_cap = min((a for a in cfg.horizons if a > 0), default=0)
         self._cooldown_until = 0
         self._cooldown_len = cfg.bandit.cooldown_steps
         self.counters: dict[str, int] = {
@@ -320,6 +323,8 @@ class HybridEngine:
         forwards = start["forwards"]
         before = after = float("nan")
         kept, corrected, reason = False, False, forced_reason or "probe"
+        correction_loss = float("nan")
+        uncorrected = float("nan")
         if forced_reason is None and probe is not None:
             before, after = self._probe_pair(probe)
             forwards += 2
@@ -337,9 +342,11 @@ class HybridEngine:
         value = max(-5.0, min(5.0, value)) if math.isfinite(value) else 0.0
 
         if kept:
+            uncorrected = after
             self.trajectory.drop_snapshot()
             if probe is not None and math.isfinite(residual):
-                corrected, after, extra = self._try_correction(probe, start["features"], residual, rate, after)
+                corrected, after, correction_loss, extra = self._try_correction(probe, start["features"], residual,
+                                                                                 rate, after)
                 forwards += extra
             self.counters["kept"] += 1
         else:
@@ -361,28 +368,31 @@ class HybridEngine:
                               cfg.bandit.rollback_penalty)
         self.bandit.update(start["horizon"], start["features"], reward)
         self.state.record_phase_outcome(not kept, residual / scale if math.isfinite(residual) else 0.0, value)
-        if kept and reward > 0:
-            self._horizon_cap = cfg.max_predict_steps
+        if kept and value > 0:  # it helped: a longer horizon amortizes the probes better
+            longer = [a for a in self.bandit.arms if a > self._horizon_cap]
+            self._horizon_cap = min(longer, default=self._horizon_cap)
             self._cooldown_len = cfg.bandit.cooldown_steps
         elif not kept:
             self._shrink_horizon()
         self._prediction, self._phase_start = None, None
         result = PhaseResult(start["step"], start["horizon"], steps, before, after, predicted_change, residual,
-                             value, reward, kept, corrected, reason)
+                             value, reward, kept, corrected, reason, correction_loss, uncorrected)
         self.last_phase_result = result
         return result
 
     def _try_correction(self, probe: Probe, features: Tensor, residual: float, rate: float,
-                        after: float) -> tuple[bool, float, int]:
-        """Propose a weight correction; keep it only if the probe loss improves. -> (kept, loss, forwards)."""
+                        after: float) -> tuple[bool, float, float, int]:
+        """Propose a weight correction; keep it only if the probe loss improves.
+
+        -> (kept, resulting probe loss, probe loss with the correction (nan if none), forwards)."""
         traj = self.trajectory
         corr = self.corrector.compute_correction(features, self.residuals, residual, self.state.loss_scale, rate,
                                                  traj.basis_norms()[:, 0], traj.max_layer_norms)
         if corr.coeffs is None:
-            return False, after, 0
+            return False, after, float("nan"), 0
         delta = traj.compose(corr.coeffs)
         if not traj.is_finite(delta):
-            return False, after, 0
+            return False, after, float("nan"), 0
         traj.snapshot()
         traj.apply(delta)
         corrected = float(probe())
@@ -393,9 +403,9 @@ class HybridEngine:
         if improved:
             traj.drop_snapshot()
             self.counters["corrections_kept"] += 1
-            return True, corrected, 1
+            return True, corrected, corrected, 1
         traj.rollback()
-        return False, after, 1
+        return False, after, corrected, 1
 
     def _shrink_horizon(self) -> None:
         """Halve the horizon cap to the next arm down; at 0, pause prediction for a doubling cooldown."""

@@ -81,10 +81,14 @@ class StepData(TinyRegressor):
     def train_dataloader(self):
         return DataLoader(range(64), batch_size=None)
 
-    def training_step(self, batch, batch_idx):
+    def make_batch(self, batch_idx):
         g = torch.Generator().manual_seed(10_000 * self.current_epoch + batch_idx)
         x = torch.randn(32, 8, generator=g)
         y = torch.tanh(x @ torch.linspace(-1, 1, 16).reshape(8, 2)) + 0.05 * torch.randn(32, 2, generator=g)
+        return x, y
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.make_batch(batch_idx)
         loss = nn.functional.mse_loss(self(x), y)
         self.log("train_loss", loss)
         return loss

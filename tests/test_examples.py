@@ -165,7 +165,7 @@ def test_synthetic_images_datamodule():
     clean = SyntheticImagesDataModule(**{**kw, "noise": 0.0, "n_train": 50})
     clean.setup("fit")
     imgs, labels = clean.train_dataset.tensors
-    shifts = range(-2, 3)
+    shifts = range(-clean.hparams.max_shift, clean.hparams.max_shift + 1)
     for img, lab in zip(imgs, labels, strict=True):
         proto = clean.prototypes[lab]
         assert any(torch.equal(img, torch.roll(proto, (dy, dx), (-2, -1))) for dy in shifts for dx in shifts)
@@ -258,7 +258,7 @@ def _assert_decreases(losses: list[float], factor: float) -> None:
         pytest.param(
             lambda: (
                 SmallCNN(channels=(8, 16), hidden=32),
-                SyntheticImagesDataModule(n_train=2_000, n_val=256, batch_size=32),
+                SyntheticImagesDataModule(n_train=2_000, n_val=256, batch_size=32, noise=0.5, max_shift=2),
                 0.6,
             ),
             id="cnn",

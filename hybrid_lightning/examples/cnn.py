@@ -26,8 +26,8 @@ class SyntheticImagesDataModule(L.LightningDataModule):
         size: int = 16,
         n_train: int = 20_000,
         n_val: int = 2_000,
-        noise: float = 0.5,
-        max_shift: int = 2,
+        noise: float = 2.5,
+        max_shift: int = 4,
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:

@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from hybrid_lightning.config import HybridConfig
-from hybrid_lightning.core.engine import HybridEngine, StepObservation, StepPlan, StepReport
+from hybrid_lightning.core.dynamics import DynamicsModel
+from hybrid_lightning.core.engine import HybridEngine, PhaseResult, StepObservation, StepPlan, StepReport
 from hybrid_lightning.core.phases import Phase, PhaseState
 from hybrid_lightning.errors import (
     CheckpointError,
@@ -62,13 +65,17 @@ class HybridPredictiveTraining(Callback):
             in the Full phase with a warning. A checkpoint with no plugin state at all (e.g. from a
             run without the plugin) always starts fresh in Full, with a warning. Model weights,
             optimizer and schedulers are restored by Lightning either way.
+        dynamics_factory: build a custom :class:`~hybrid_lightning.core.dynamics.DynamicsModel` from
+            ``(n_layers, basis_rank)`` instead of the configured predictor (research and tests).
     """
 
     def __init__(self, config: HybridConfig | str | None = None, report_dir: str | None = None,
-                 verbose: bool = True, on_bad_state: str = "raise") -> None:
+                 verbose: bool = True, on_bad_state: str = "raise",
+                 dynamics_factory: Callable[[int, int], DynamicsModel] | None = None) -> None:
         if on_bad_state not in ("raise", "fresh"):
             raise ValueError(f"on_bad_state must be 'raise' or 'fresh', not {on_bad_state!r}")
         self.on_bad_state = on_bad_state
+        self.dynamics_factory = dynamics_factory
         self.config = _as_config(config)
         self.report_dir = report_dir
         self.verbose = verbose
@@ -78,6 +85,8 @@ class HybridPredictiveTraining(Callback):
         self._curve = _Curve()
         self._pending_state: dict[str, Any] | None = None
         self._open: dict[str, Any] | None = None  # the optimizer step in progress
+        self.last_report: StepReport | None = None  # the engine's report for the last optimizer step
+        self.results: deque[PhaseResult] = deque(maxlen=4096)  # judged Predict phases of this fit, newest last
         self._params: list[torch.Tensor] = []
         self._restore_pb: Any = None
         self._state_key: str | None = None
@@ -137,10 +146,15 @@ class HybridPredictiveTraining(Callback):
         names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
         buffers = [b for b in pl_module.buffers()]
         self._params = params
-        self.engine = HybridEngine(params, self.config, names=names, buffers=buffers)
+        dynamics = None
+        if self.dynamics_factory is not None:
+            dynamics = self.dynamics_factory(len(params), self.config.trajectory.basis_rank)
+        self.engine = HybridEngine(params, self.config, names=names, buffers=buffers, dynamics=dynamics)
         self.report = HybridReport()
         self._metrics = HybridMetrics()
         self._curve = _Curve()
+        self.results.clear()
+        self.last_report = None
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
@@ -249,6 +263,9 @@ class HybridPredictiveTraining(Callback):
                               skipped=step["skipped"])
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]
         report = self.engine.observe(obs, probe=probe)
+        self.last_report = report
+        if report.phase_result is not None:
+            self.results.append(report.phase_result)
         strategy.hybrid_plan = None  # type: ignore[attr-defined]
         self._open = None
         if trainer.strategy.root_device.type == "cuda":

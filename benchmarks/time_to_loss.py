@@ -1,0 +1,325 @@
+"""Wall-clock to the same validation loss: plain Lightning vs the hybrid plugin vs an equal-compute control.
+
+    python -m benchmarks.time_to_loss                      # all workloads, 3 interleaved repeats
+    python -m benchmarks.time_to_loss --workloads mlp --tune  # re-run the baseline LR sweep first
+    python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
+
+Per workload (``benchmarks/workloads/<name>.yaml``), every repeat runs, back to back and in the same
+process: the plain baseline (same model, data order, seed, optimizer, tuned LR), each hybrid variant,
+and for each variant an *equal-compute control*: plain training for only as many steps as the variant
+ran backward passes, with the LR schedule compressed to that length. Training wall-clock excludes
+validation. The target is the baseline's final validation loss (median over repeats); time to target
+is interpolated linearly between evaluation points. "not reached" is a valid outcome.
+
+Writes ``<out>/<workload>.json`` and ``.png``, and ``<out>/time_to_loss.md`` (the README table); the
+last lines printed are one JSON object per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from hybrid_lightning import HybridConfig, HybridPredictiveTraining
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = ("char_gpt", "mlp", "cnn")
+
+
+@dataclass
+class Point:
+    step: int
+    seconds: float  # training wall-clock so far, validation excluded
+    backward: int  # backward passes so far
+    val: float
+
+
+@dataclass
+class Run:
+    kind: str  # baseline | hybrid:<variant> | control:<variant> | sweep:<lr>
+    repeat: int
+    steps: int
+    lr: float
+    curve: list[Point] = field(default_factory=list)
+    train_seconds: float = 0.0
+    backward_passes: int = 0
+    predict_fraction: float = 0.0
+    rollbacks: int = 0
+    kept_phases: int = 0
+    cost_ratio: float | None = None
+
+    @property
+    def final_val(self) -> float:
+        return self.curve[-1].val if self.curve else float("nan")
+
+
+class Clock(Callback):
+    """Training wall-clock without validation; a curve point at every validation."""
+
+    def __init__(self, run: Run, hybrid: HybridPredictiveTraining | None, cuda: bool) -> None:
+        self.run, self.hybrid, self.cuda = run, hybrid, cuda
+        self.t0: float | None = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.t0 is None:
+            self.t0 = self._now()
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.t0 is not None:
+            self.run.train_seconds += self._now() - self.t0
+            self.t0 = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        self.record(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.t0 is not None:
+            self.run.train_seconds += self._now() - self.t0
+            self.t0 = None
+
+    def record(self, trainer) -> None:
+        backward = trainer.global_step
+        if self.hybrid is not None and self.hybrid.engine is not None:
+            backward = self.hybrid.engine.counters["real_steps"]
+        val = float(trainer.callback_metrics["val_loss"])
+        self.run.curve.append(Point(trainer.global_step, self.run.train_seconds, backward, val))
+
+
+def _load(path: str) -> Any:
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dict | None, accelerator: str,
+          dynamics_factory: Any = None) -> Run:
+    run = Run(kind, repeat, steps, lr)
+    L.seed_everything(spec.get("seed", 0), verbose=False)
+    data = _load(spec["data"])(**spec["data_args"])
+    model = _load(spec["model"])(**spec["model_args"], lr=lr, total_steps=0)  # schedule length = max_steps
+    cb = None
+    if hybrid is not None:
+        cb = HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False, report_dir=spec["_out"],
+                                      dynamics_factory=dynamics_factory)
+    clock = Clock(run, cb, accelerator == "cuda")
+    trainer = L.Trainer(
+        max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if cb else "auto",
+        callbacks=[clock] + ([cb] if cb else []), val_check_interval=spec["eval_every"],
+        check_val_every_n_epoch=None, limit_val_batches=spec["val_batches"], num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=spec["_out"])
+    trainer.fit(model, data)
+    if not run.curve or run.curve[-1].step != trainer.global_step:
+        trainer.validate(model, data, verbose=False)  # always end with an evaluation at the last step
+    run.backward_passes = run.curve[-1].backward
+    if cb is not None:
+        rep = cb.report
+        run.predict_fraction = rep.backward_skip_ratio
+        run.rollbacks, run.kept_phases = rep.rollbacks, rep.kept_phases
+        run.cost_ratio = None if math.isnan(rep.cost_ratio) else rep.cost_ratio
+    return run
+
+
+def time_to(curve: list[Point], target: float, axis: str = "seconds") -> float | None:
+    """First crossing of ``val <= target``, interpolated linearly on ``axis`` between evaluation points."""
+    prev_x, prev_v = 0.0, math.inf
+    for p in curve:
+        x = float(getattr(p, axis))
+        if p.val <= target:
+            if math.isinf(prev_v):
+                return x
+            frac = (prev_v - target) / (prev_v - p.val) if prev_v != p.val else 1.0
+            return prev_x + frac * (x - prev_x)
+        prev_x, prev_v = x, p.val
+    return None
+
+
+def _median(xs: list[float | None]) -> float | None:
+    """Median over repeats; None if any repeat did not get there."""
+    if not xs or any(x is None for x in xs):
+        return None
+    return statistics.median(xs)  # type: ignore[arg-type]
+
+
+def run_workload(name: str, args: argparse.Namespace) -> dict:
+    spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
+    if args.quick:
+        spec.update(spec.pop("quick"))
+    spec["_out"] = str(args.out)
+    lr = spec["lr"]
+    sweep = []
+    if args.tune:
+        for cand in spec["lr_sweep"]:
+            r = train(spec, f"sweep:{cand}", spec["steps"], cand, 0, None, args.accelerator)
+            sweep.append({"lr": cand, "final_val": r.final_val})
+            print(f"[{name}] sweep lr={cand:g}: final val {r.final_val:.4f}", flush=True)
+        lr = min(sweep, key=lambda s: s["final_val"])["lr"]
+        print(f"[{name}] tuned lr = {lr:g}", flush=True)
+    N = spec["steps"]
+    variants = {k: dict(v or {}) for k, v in spec["hybrids"].items()}
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants}
+    runs: list[Run] = []
+    for rep in range(args.repeats):  # interleaved: baseline, hybrids, controls, then again
+        runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator))
+        _say(name, runs[-1])
+        for var, overrides in variants.items():
+            h = train(spec, f"hybrid:{var}", N, lr, rep, overrides, args.accelerator)
+            runs.append(h)
+            _say(name, h)
+            if h.backward_passes < N:
+                c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator)
+                runs.append(c)
+                _say(name, c)
+    return summarize(name, spec, lr, sweep, runs, variants, args)
+
+
+def _say(name: str, r: Run) -> None:
+    extra = f", predicted {100 * r.predict_fraction:.1f}%, rollbacks {r.rollbacks}" if r.kind.startswith("hyb") else ""
+    print(f"[{name}] repeat {r.repeat} {r.kind}: {r.steps} steps, {r.train_seconds:.1f} s, "
+          f"final val {r.final_val:.4f}{extra}", flush=True)
+
+
+def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], variants: dict,
+              args: argparse.Namespace) -> dict:
+    base = [r for r in runs if r.kind == "baseline"]
+    target = statistics.median(r.final_val for r in base)
+    base_t = _median([time_to(r.curve, target) for r in base])
+    base_b = _median([time_to(r.curve, target, "backward") for r in base])
+    out: dict[str, Any] = {"workload": name, "target_val": target, "lr": lr, "steps": spec["steps"],
+                           "baseline_seconds": statistics.median(r.train_seconds for r in base),
+                           "baseline_time_to_target": base_t, "baseline_backward_to_target": base_b,
+                           "final_val_baseline": target, "variants": {}, "sweep": sweep}
+    for var in variants:
+        hyb = [r for r in runs if r.kind == f"hybrid:{var}"]
+        ctl = [r for r in runs if r.kind == f"control:{var}"] or base  # no skipped steps: the control is the baseline
+        h_t = _median([time_to(r.curve, target) for r in hyb])
+        c_t = _median([time_to(r.curve, target) for r in ctl])
+        ratios = [r.cost_ratio for r in hyb if r.cost_ratio is not None]
+        out["variants"][var] = {
+            "config": variants[var],
+            "final_val_hybrid": statistics.median(r.final_val for r in hyb),
+            "final_val_equal_compute": statistics.median(r.final_val for r in ctl),
+            "hybrid_seconds": statistics.median(r.train_seconds for r in hyb),
+            "equal_compute_steps": ctl[0].steps,
+            "hybrid_time_to_target": h_t,
+            "equal_compute_time_to_target": c_t,
+            "speedup_vs_baseline": base_t / h_t if base_t and h_t else None,
+            "speedup_vs_equal_compute": c_t / h_t if c_t and h_t else None,
+            "backward_to_target": _median([time_to(r.curve, target, "backward") for r in hyb]),
+            "predict_fraction": statistics.median(r.predict_fraction for r in hyb),
+            "rollbacks": statistics.median(r.rollbacks for r in hyb),
+            "kept_phases": statistics.median(r.kept_phases for r in hyb),
+            "cost_ratio": statistics.median(ratios) if ratios else None,
+        }
+    out["runs"] = [asdict(r) for r in runs]
+    out["machine"] = machine(args)
+    (args.out / f"{name}.json").write_text(json.dumps(out, indent=1))
+    plot(name, runs, target, args.out / f"{name}.png")
+    return out
+
+
+def machine(args: argparse.Namespace) -> str:
+    if args.accelerator == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+def plot(name: str, runs: list[Run], target: float, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        if r.repeat != 0 or r.kind.startswith("sweep"):
+            continue
+        style = "-" if r.kind == "baseline" else ("--" if r.kind.startswith("hybrid") else ":")
+        ax.plot([p.seconds for p in r.curve], [p.val for p in r.curve], style, marker="o", ms=3, label=r.kind)
+    ax.axhline(target, color="gray", lw=0.8, label="target (baseline final)")
+    ax.set_xlabel("training wall-clock (s, validation excluded)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{name}: validation loss vs time (repeat 0)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(x: float | None, spec: str = ".2f", none: str = "not reached") -> str:
+    return none if x is None else format(x, spec)
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| workload | variant | final val: baseline / hybrid / equal-compute | predicted steps | rollbacks "
+            "| predict/full cost | wall-clock to target vs baseline | vs equal-compute | backward passes to target "
+            "(hybrid / baseline) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for var, v in res["variants"].items():
+            skipped = v["equal_compute_steps"] < res["steps"]
+            ctl = f"{v['final_val_equal_compute']:.4f}" if skipped else "same as baseline"
+            speed_c = _fmt(v["speedup_vs_equal_compute"], ".2f") + "x" if skipped else "n/a (no step skipped)"
+            rows.append(
+                f"| {res['workload']} | {var} | {res['final_val_baseline']:.4f} / {v['final_val_hybrid']:.4f} / {ctl} "
+                f"| {100 * v['predict_fraction']:.1f}% | {v['rollbacks']:g} of {v['rollbacks'] + v['kept_phases']:g} "
+                f"| {_fmt(v['cost_ratio'], '.3f', 'n/a')} | {_fmt(v['speedup_vs_baseline'], '.2f')}x "
+                f"| {speed_c} | {_fmt(v['backward_to_target'], '.0f')} / "
+                f"{_fmt(res['baseline_backward_to_target'], '.0f')} |")
+    return "\n".join(rows).replace("not reachedx", "not reached")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--variants", nargs="+", help="hybrid variants to run (default: all in the workload YAML)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned for comparable timings)")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.time_to_loss " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    results = [run_workload(w, args) for w in args.workloads]
+    md = (f"Command: `{command.strip()}`  \nMachine: {results[0]['machine']}; {args.repeats} interleaved repeats; "
+          f"medians.\n\n{table(results)}\n")
+    (args.out / "time_to_loss.md").write_text(md)
+    print("\n" + md)
+    for res in results:
+        default = res["variants"].get("default") or next(iter(res["variants"].values()))
+        keys = ("speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_hybrid", "predict_fraction", "rollbacks")
+        line = {"workload": res["workload"], **{k: default[k] for k in keys},
+                "final_val_baseline": res["final_val_baseline"],
+                "variants": {var: {k: v[k] for k in keys} for var, v in res["variants"].items()}}
+        print(json.dumps(line))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Smoke tests of the benchmark commands in --quick mode: they run and write valid output (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import dynamics_quality, time_to_loss
+
+KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
+        "predict_fraction", "rollbacks"}
+
+
+def test_time_to_loss_quick_writes_json_png_and_table(tmp_path, capsys):
+    time_to_loss.main(["--quick", "--repeats", "1", "--workloads", "mlp", "--out", str(tmp_path)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    [line] = lines
+    assert KEYS <= set(line) and line["workload"] == "mlp"
+    data = json.loads((tmp_path / "mlp.json").read_text())
+    kinds = {r["kind"] for r in data["runs"]}
+    assert {"baseline", "hybrid:default", "hybrid:eager"} <= kinds
+    for r in data["runs"]:
+        steps = [p["step"] for p in r["curve"]]
+        assert steps == sorted(steps) and steps[-1] == r["steps"]
+        seconds = [p["seconds"] for p in r["curve"]]
+        assert seconds == sorted(seconds) and all(math.isfinite(p["val"]) for p in r["curve"])
+    assert (tmp_path / "mlp.png").stat().st_size > 0
+    assert "| mlp | default |" in (tmp_path / "time_to_loss.md").read_text()
+
+
+def test_time_to_interpolates_and_reports_not_reached():
+    P = time_to_loss.Point
+    curve = [P(10, 1.0, 10, 2.0), P(20, 2.0, 20, 1.0), P(30, 3.0, 30, 0.5)]
+    assert time_to_loss.time_to(curve, 1.5) == 1.5
+    assert time_to_loss.time_to(curve, 0.5) == 3.0
+    assert time_to_loss.time_to(curve, 0.4) is None
+    assert time_to_loss.time_to(curve, 1.0, "backward") == 20
+
+
+def test_dynamics_quality_quick_prints_the_summary(tmp_path, capsys):
+    summary = dynamics_quality.main(["--quick", "--workloads", "mlp", "--out", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"loss_r2", "delta_cosine", "correction_gain", "coverage_2sigma", "confidence_query_us"}
+    assert last == json.loads(json.dumps(summary))

@@ -111,10 +111,11 @@ def _load(path: str) -> Any:
 
 
 def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dict | None, accelerator: str,
-          dynamics_factory: Any = None) -> Run:
+          dynamics_factory: Any = None, *, seed: int = 0) -> Run:
+    """One run. ``seed`` sets the model's initialization and the data order (0 for every comparison run)."""
     run = Run(kind, repeat, steps, lr)
-    L.seed_everything(spec.get("seed", 0), verbose=False)
-    data = _load(spec["data"])(**spec["data_args"])
+    L.seed_everything(seed, verbose=False)
+    data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
     model = _load(spec["model"])(**spec["model_args"], lr=lr, total_steps=0)  # schedule length = max_steps
     cb = None
     if hybrid is not None:
@@ -190,6 +191,10 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
                 c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator)
                 runs.append(c)
                 _say(name, c)
+    # the noise floor of "final val loss": the same baseline with other initializations and data orders
+    for seed in range(1, args.seeds):
+        runs.append(train(spec, f"seed:{seed}", N, lr, 0, None, args.accelerator, seed=seed))
+        _say(name, runs[-1])
     return summarize(name, spec, lr, sweep, runs, variants, args)
 
 
@@ -205,7 +210,10 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
     target = statistics.median(r.final_val for r in base)
     base_t = _median([time_to(r.curve, target) for r in base])
     base_b = _median([time_to(r.curve, target, "backward") for r in base])
+    seed_vals = [base[0].final_val] + [r.final_val for r in runs if r.kind.startswith("seed:")]
     out: dict[str, Any] = {"workload": name, "target_val": target, "lr": lr, "steps": spec["steps"],
+                           "seed_final_vals": seed_vals,
+                           "seed_spread": (max(seed_vals) - min(seed_vals)) if len(seed_vals) > 1 else None,
                            "baseline_seconds": statistics.median(r.train_seconds for r in base),
                            "baseline_time_to_target": base_t, "baseline_backward_to_target": base_b,
                            "final_val_baseline": target, "variants": {}, "sweep": sweep}
@@ -274,9 +282,9 @@ def _fmt(x: float | None, spec: str = ".2f", none: str = "not reached") -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| workload | variant | final val: baseline / hybrid / equal-compute | predicted steps | rollbacks "
-            "| predict/full cost | wall-clock to target vs baseline | vs equal-compute | backward passes to target "
-            "(hybrid / baseline) |",
+    rows = ["| workload | variant | final val: baseline / hybrid / equal-compute (seed spread) | predicted steps "
+            "| rollbacks | predict/full cost | wall-clock to target vs baseline | vs equal-compute "
+            "| backward passes to target (hybrid / baseline) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for var, v in res["variants"].items():
@@ -285,6 +293,7 @@ def table(results: list[dict]) -> str:
             speed_c = _fmt(v["speedup_vs_equal_compute"], ".2f") + "x" if skipped else "n/a (no step skipped)"
             rows.append(
                 f"| {res['workload']} | {var} | {res['final_val_baseline']:.4f} / {v['final_val_hybrid']:.4f} / {ctl} "
+                f"({_fmt(res['seed_spread'], '.4f', 'n/a')}) "
                 f"| {100 * v['predict_fraction']:.1f}% | {v['rollbacks']:g} of {v['rollbacks'] + v['kept_phases']:g} "
                 f"| {_fmt(v['cost_ratio'], '.3f', 'n/a')} | {_fmt(v['speedup_vs_baseline'], '.2f')}x "
                 f"| {speed_c} | {_fmt(v['backward_to_target'], '.0f')} / "
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--variants", nargs="+", help="hybrid variants to run (default: all in the workload YAML)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="baseline runs with seeds 0..n-1: the final-loss noise floor")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])

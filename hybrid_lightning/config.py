@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hybrid_lightning.errors import ConfigError
 
-PREDICTORS = ("rssm", "constant_velocity")
+PREDICTORS = ("rssm", "constant_velocity", "dmd", "tail_average", "null")
 ON_NONFINITE = ("skip", "raise")
 
 
@@ -92,7 +92,7 @@ class HybridConfig:
     predict_threshold: float = 0.6  # predict only when confidence > threshold
     correct_steps: int = 1  # real steps of the Correct phase after each Predict phase
     monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
-    predictor: str = "rssm"  # "rssm" or "constant_velocity"
+    predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "null"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
     seed: int = 0  # seeds the dynamics model (initial weights, latent samples)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)

@@ -70,6 +70,21 @@ class DynamicsModel(Protocol):
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class ParameterDynamics(Protocol):
+    """Optional capability of a dynamics model that works on the parameters themselves.
+
+    The engine calls ``observe_params`` after every observed real update (the trajectory is synced:
+    ``trajectory.current`` holds the parameters), and at the start of a Predict phase asks
+    ``predict_displacement`` for the whole phase's parameter change as one flat tensor (or None to
+    fall back to the rollout's basis coefficients). The phase then applies it in equal parts.
+    """
+
+    def observe_params(self, trajectory: Any) -> None: ...
+
+    def predict_displacement(self, trajectory: Any, steps: int) -> Tensor | None: ...
+
+
 def predict_y_steps(model: DynamicsModel, steps: int, stride: int, loss0: float,
                     floor: float = 0.0) -> Prediction:
     """One rollout covering ``steps`` real steps, expanded to per-step loss, std and coefficients.
@@ -409,4 +424,10 @@ def make_dynamics(kind: str, n_layers: int, rank: int, config: DynamicsConfig, s
         return RSSMLite(n_layers, rank, config, seed)
     if kind == "constant_velocity":
         return ConstantVelocity(n_layers, rank)
+    from hybrid_lightning.core import predictors  # research predictors build on the classes above
+
+    research = {"null": predictors.NullPredictor, "tail_average": predictors.TailAverage,
+                "dmd": predictors.DMDPredictor}
+    if kind in research:
+        return research[kind](n_layers, rank)
     raise ValueError(f"unknown predictor {kind!r}")

@@ -28,7 +28,13 @@ from hybrid_lightning.config import HybridConfig
 from hybrid_lightning.core.bandit import LinUCB, phase_reward
 from hybrid_lightning.core.corrector import ResidualCorrector
 from hybrid_lightning.core.divergence import DivergenceMonitor, DivergenceReport, Level
-from hybrid_lightning.core.dynamics import DynamicsModel, Prediction, make_dynamics, predict_y_steps
+from hybrid_lightning.core.dynamics import (
+    DynamicsModel,
+    ParameterDynamics,
+    Prediction,
+    make_dynamics,
+    predict_y_steps,
+)
 from hybrid_lightning.core.phases import (
     Phase,
     PhaseLimits,
@@ -87,6 +93,13 @@ class PhaseResult:
     reason: str
     correction_loss: float = float("nan")  # probe loss with the proposed weight correction (nan: none tried)
     loss_uncorrected: float = float("nan")  # probe loss after the phase, before any correction
+    progress_rate: float = float("nan")  # loss decrease per real step when the phase was judged
+
+    @property
+    def raw_value(self) -> float:
+        """q measured on the probe before the keep/rollback decision (value is 0 for rolled-back phases)."""
+        after = self.loss_uncorrected if self.kept else self.loss_after
+        return (self.loss_before - after) / (max(self.steps, 1) * self.progress_rate)
 
 
 @dataclass
@@ -123,6 +136,7 @@ class HybridEngine:
         self.step = 0
         self._plan: StepPlan | None = None
         self._prediction: Prediction | None = None
+        self._displacement: Tensor | None = None  # whole-phase parameter change from a ParameterDynamics model
         self._phase_start: dict[str, Any] | None = None
         self._block_loss = 0.0
         self._block_count = 0
@@ -185,6 +199,9 @@ class HybridEngine:
         if shift:
             pred.loss = (pred.loss + shift * torch.arange(1, ps.horizon + 1) / ps.horizon).clamp_min(floor)
         self._prediction = pred
+        self._displacement = None
+        if isinstance(self.dynamics, ParameterDynamics):
+            self._displacement = self.dynamics.predict_displacement(self.trajectory, ps.horizon)
         self._phase_start = {"step": self.step, "horizon": ps.horizon, "features": features, "loss0": loss0,
                              "forwards": 0}
         self.counters["phases"] += 1
@@ -193,7 +210,10 @@ class HybridEngine:
         pred = self._prediction
         assert pred is not None and self._phase_start is not None
         y = self.phase_state.steps_in_phase
-        delta = self.trajectory.compose(pred.coeffs[y])
+        if self._displacement is not None:
+            delta = self.trajectory.delta_from_flat(self._displacement, 1.0 / self.phase_state.horizon)
+        else:
+            delta = self.trajectory.compose(pred.coeffs[y])
         if not self.trajectory.is_finite(delta):
             # refuse: undo the phase now, and run this step as the first real step of Correct
             self._events.append(NumericalError("predicted delta contains NaN/Inf; refused, phase rolled back"))
@@ -274,6 +294,8 @@ class HybridEngine:
                 self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm)
                 return div
             upd = self.trajectory.record_real()
+            if isinstance(self.dynamics, ParameterDynamics):
+                self.dynamics.observe_params(self.trajectory)
             if not math.isfinite(upd.norm):
                 raise NumericalError(
                     f"step {self.step}: parameters became NaN/Inf on a real (backward + optimizer) step; "
@@ -374,9 +396,9 @@ class HybridEngine:
             self._cooldown_len = cfg.bandit.cooldown_steps
         elif not kept:
             self._shrink_horizon()
-        self._prediction, self._phase_start = None, None
+        self._prediction, self._phase_start, self._displacement = None, None, None
         result = PhaseResult(start["step"], start["horizon"], steps, before, after, predicted_change, residual,
-                             value, reward, kept, corrected, reason, correction_loss, uncorrected)
+                             value, reward, kept, corrected, reason, correction_loss, uncorrected, rate)
         self.last_phase_result = result
         return result
 
@@ -434,6 +456,7 @@ class HybridEngine:
                 "loss": pred.loss.clone(), "loss_std": pred.loss_std.clone(), "coeffs": pred.coeffs.clone(),
                 "confidence": pred.confidence},
             "phase_start": None if start is None else {**start, "features": start["features"].clone()},
+            "displacement": None if self._displacement is None else self._displacement.clone(),
             "block": [self._block_loss, self._block_count, self._last_block_loss],
             "horizon_cap": self._horizon_cap,
             "cooldown": [self._cooldown_until, self._cooldown_len],
@@ -468,6 +491,8 @@ class HybridEngine:
                                                              p["coeffs"].clone(), float(p["confidence"]))
         s = sd["phase_start"]
         self._phase_start = None if s is None else {**s, "features": s["features"].clone()}
+        d = sd.get("displacement")
+        self._displacement = None if d is None else d.to(self.trajectory.device, self.trajectory.flat_dtype).clone()
         self._block_loss, self._block_count, self._last_block_loss = sd["block"]
         self._horizon_cap = int(sd["horizon_cap"])
         self._cooldown_until, self._cooldown_len = (int(x) for x in sd["cooldown"])

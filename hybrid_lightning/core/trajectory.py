@@ -232,6 +232,16 @@ class Trajectory:
             torch._foreach_add_(delta, self._scale_layers(basis[k], coeffs[:, k]))
         return [d if d.dtype == dt else d.to(dt) for d, dt in zip(delta, self.dtypes)]
 
+    def delta_from_flat(self, flat: Tensor, scale: float = 1.0) -> list[Tensor]:
+        """``scale * flat`` as a delta with the parameters' shapes and dtypes."""
+        delta = torch._foreach_mul(self._views(flat), scale)
+        return [d if d.dtype == dt else d.to(dt) for d, dt in zip(delta, self.dtypes)]
+
+    @property
+    def current(self) -> Tensor:
+        """The parameters at the last sync or observation, flat (a view of an internal buffer: do not modify)."""
+        return self._prev
+
     @staticmethod
     def is_finite(delta: Sequence[Tensor]) -> bool:
         norms = torch._foreach_norm(list(delta))

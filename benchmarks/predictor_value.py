@@ -1,0 +1,91 @@
+"""What is a predicted step worth? q per Predict phase, for each predictor, over a whole training run.
+
+    python -m benchmarks.predictor_value [--workloads mlp cnn char_gpt] [--predictors ...] [--horizon 16]
+
+For each workload and predictor, one run with the plugin forced to predict for ``horizon`` steps after
+every ``min_full`` real steps (threshold 0, one horizon arm, no cooldown, exploration always on). Each
+phase is judged by the engine's paired probe; q = (probe loss before - after) / (steps x the real
+loss decrease per step), before the keep/rollback decision: q = 1 means a predicted step was worth
+a real one, 0 nothing, < 0 harm. Reports the median q and its fraction > 0 per third of training.
+Output is about value, not time: no timing claims. Last lines: one JSON object per (workload, predictor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import lightning as L
+import torch
+import yaml
+
+from benchmarks.time_to_loss import HERE, WORKLOADS, _load
+from hybrid_lightning import HybridConfig, HybridPredictiveTraining
+from hybrid_lightning.config import PREDICTORS
+
+
+def measure(spec: dict, predictor: str, horizon: int, min_full: int) -> dict:
+    cfg = HybridConfig(warmup_steps=spec["steps"] // 10, min_full_steps=min_full, max_predict_steps=horizon,
+                       predict_threshold=0.0, predictor=predictor)
+    cfg.bandit.arms = [0, horizon]
+    cfg.bandit.alpha = 100.0
+    cfg.bandit.cooldown_steps = 0
+    cfg.corrector.weight_correction = False  # value of the prediction itself
+    L.seed_everything(0, verbose=False)
+    model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
+    data = _load(spec["data"])(**spec["data_args"])
+    cb = HybridPredictiveTraining(cfg, verbose=False)
+    L.Trainer(max_steps=spec["steps"], accelerator="cpu", devices=1, strategy="hybrid", callbacks=[cb],
+              limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+    rows = [(r.start_step, r.raw_value) for r in cb.results if r.reason == "probe"]
+    n = spec["steps"]
+    thirds = {}
+    for name, lo, hi in (("early", 0, n / 3), ("mid", n / 3, 2 * n / 3), ("late", 2 * n / 3, n)):
+        qs = [q for s, q in rows if lo <= s < hi]
+        thirds[name] = {"median_q": statistics.median(qs) if qs else None,
+                        "positive": sum(q > 0 for q in qs) / len(qs) if qs else None, "phases": len(qs)}
+    qs = [q for _, q in rows]
+    return {"phases": len(qs), "median_q": statistics.median(qs) if qs else None,
+            "mean_q": statistics.fmean(qs) if qs else None,
+            "positive": sum(q > 0 for q in qs) / len(qs) if qs else None,
+            "kept": cb.report.kept_phases, "thirds": thirds}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--predictors", nargs="+", default=["null", "constant_velocity", "rssm", "tail_average", "dmd"],
+                   choices=PREDICTORS)
+    p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--min-full", type=int, default=24)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    out = []
+    for w in args.workloads:
+        spec = yaml.safe_load((HERE / "workloads" / f"{w}.yaml").read_text())
+        for pred in args.predictors:
+            res = {"workload": w, "predictor": pred, **measure(spec, pred, args.horizon, args.min_full)}
+            out.append(res)
+            print(f"[{w}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:+.2f}"
+
+    print(f"\nHorizon {args.horizon} predicted steps after every {args.min_full} real steps; q = value of a predicted "
+          "step relative to a real one (paired probe), median over phases.\n")
+    print("| workload | predictor | phases | median q (all) | q>0 | early | mid | late |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in out:
+        t = r["thirds"]
+        print(f"| {r['workload']} | {r['predictor']} | {r['phases']} | {f(r['median_q'])} | "
+              f"{0 if r['positive'] is None else r['positive']:.0%} | {f(t['early']['median_q'])} | "
+              f"{f(t['mid']['median_q'])} | {f(t['late']['median_q'])} |")
+    for r in out:
+        print(json.dumps(r))
+    return out
+
+
+if __name__ == "__main__":
+    main()

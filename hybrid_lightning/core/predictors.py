@@ -1,0 +1,136 @@
+"""Research predictors that work on the parameters themselves (:class:`ParameterDynamics`).
+
+Each is scored like every predictor: online by the engine's paired probe (the value q of a predicted
+step) and end to end by ``benchmarks/time_to_loss.py`` against the tuned baseline and the
+equal-compute control. Method cards with the measurements are in ``docs/predictors.md``.
+
+- :class:`NullPredictor`: predicted steps change nothing (only the schedule advances). The control
+  that every other predictor must beat.
+- :class:`TailAverage`: jump to an exponential average of recent iterates, plus that average's own
+  drift over the horizon (the averaged trajectory is much less noisy than the last iterate).
+- :class:`DMDPredictor`: per-layer dynamic mode decomposition of the last few parameter snapshots:
+  a linear map of successive displacements, fitted in their own span, iterated forward with its
+  spectral radius clamped to 1. Oscillation along a valley wall shows up as a negative or complex
+  eigenvalue and cancels out instead of being extrapolated.
+
+All three keep the loss model of :class:`ConstantVelocity` for the predicted loss trajectory and
+report a constant confidence of 1: whether to predict is left to the bandit and the guard.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hybrid_lightning.core.dynamics import ConstantVelocity, Rollout
+from hybrid_lightning.core.trajectory import Trajectory
+
+
+class _ParameterPredictor(ConstantVelocity):
+    def rollout(self, intervals: int) -> Rollout:
+        r = super().rollout(intervals)
+        return Rollout(r.loss_delta, r.loss_var, torch.zeros_like(r.coeffs))
+
+    def confidence(self) -> float:
+        return 1.0
+
+    def observe_params(self, trajectory: Trajectory) -> None:  # pragma: no cover - overridden
+        pass
+
+    def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
+        return torch.zeros_like(trajectory.current)
+
+
+class NullPredictor(_ParameterPredictor):
+    """Predicted steps change nothing."""
+
+
+class TailAverage(_ParameterPredictor):
+    def __init__(self, n_layers: int, rank: int, decay: float = 0.8, drift: bool = True) -> None:
+        super().__init__(n_layers, rank)
+        self.decay, self.drift = decay, drift
+        self._avg: Tensor | None = None
+        self._prev_avg: Tensor | None = None
+
+    def observe_params(self, trajectory: Trajectory) -> None:
+        theta = trajectory.current
+        if self._avg is None:
+            self._avg = theta.clone()
+            return
+        self._prev_avg = self._avg.clone()
+        self._avg.lerp_(theta, 1 - self.decay)
+
+    def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
+        if self._avg is None:
+            return None
+        disp = self._avg - trajectory.current
+        if self.drift and self._prev_avg is not None:
+            # velocity of the average per real step, carried over the horizon
+            disp.add_(self._avg - self._prev_avg, alpha=steps / trajectory.config.stride)
+        return disp
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd.update(avg=None if self._avg is None else self._avg.clone(),
+                  prev_avg=None if self._prev_avg is None else self._prev_avg.clone())
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self._avg = None if sd["avg"] is None else sd["avg"].clone()
+        self._prev_avg = None if sd["prev_avg"] is None else sd["prev_avg"].clone()
+
+
+class DMDPredictor(_ParameterPredictor):
+    """Per-layer DMD over the last ``window`` displacements between observations."""
+
+    def __init__(self, n_layers: int, rank: int, window: int = 6, rcond: float = 1e-3) -> None:
+        super().__init__(n_layers, rank)
+        self.window, self.rcond = window, rcond
+        self._snaps: deque[Tensor] = deque(maxlen=window + 2)
+
+    def observe_params(self, trajectory: Trajectory) -> None:
+        self._snaps.append(trajectory.current.clone())
+
+    def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
+        snaps = list(self._snaps)
+        if len(snaps) < 4:
+            return None
+        diffs = [b - a for a, b in zip(snaps, snaps[1:])]  # x_0 .. x_m, per observation interval
+        m = len(diffs) - 1
+        k = torch.stack([torch.stack([trajectory._layer_dots(a, b) for b in diffs]) for a in diffs])  # [m+1,m+1,L]
+        k = k.permute(2, 0, 1)  # [L, m+1, m+1]
+        gx, xy, xlast = k[:, :m, :m], k[:, :m, 1:], k[:, :m, m]
+        evals, evecs = torch.linalg.eigh(gx)  # ascending
+        keep = evals > self.rcond * evals[:, -1:].clamp_min(1e-300)
+        inv_sigma = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+        # reduced operator A = S^-1 V^T (X^T Y) V S^-1, state a0 = S^-1 V^T X^T x_m
+        vs = evecs * inv_sigma[:, None, :]  # V S^-1, [L, m, m]
+        a = vs.transpose(1, 2) @ xy @ vs
+        radius = torch.linalg.eigvals(a).abs().amax(dim=1).clamp_min(1.0)
+        a = a / radius[:, None, None]  # no growing modes: extrapolation never explodes
+        state = (vs.transpose(1, 2) @ xlast[..., None]).squeeze(-1)  # [L, m]
+        intervals = steps / trajectory.config.stride
+        total = torch.zeros_like(state)
+        k_full, frac = int(intervals), intervals - int(intervals)
+        for i in range(k_full + (1 if frac > 0 else 0)):
+            state = (a @ state[..., None]).squeeze(-1)
+            total += state * (1.0 if i < k_full else frac)
+        weights = (vs @ total[..., None]).squeeze(-1)  # [L, m]: displacement_l = sum_j w[l, j] * x_j
+        disp = torch.zeros_like(trajectory.current)
+        views = trajectory._views(disp)
+        for j in range(m):
+            torch._foreach_add_(views, trajectory._scale_layers(diffs[j], weights[:, j].float()))
+        return disp
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["snaps"] = [s.clone() for s in self._snaps]
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self._snaps = deque((s.clone() for s in sd["snaps"]), maxlen=self.window + 2)

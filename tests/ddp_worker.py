@@ -7,6 +7,8 @@ can compare ranks bit for bit.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -115,6 +117,9 @@ def main():
     p.add_argument("--ckpt-dir", default="")
     p.add_argument("--resume", default="")
     args = p.parse_args()
+    # a native abort in a worker then prints where it happened (the env var reaches spawned children)
+    faulthandler.enable()
+    os.environ["PYTHONFAULTHANDLER"] = "1"
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = DDPModel(batchnorm=bool(args.batchnorm), unused=bool(args.unused))

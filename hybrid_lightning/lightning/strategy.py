@@ -18,10 +18,12 @@ Lightning still counts the step: ``global_step``, step-interval LR schedulers an
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from torch import Tensor
 
@@ -147,6 +149,18 @@ class HybridDDPStrategy(HybridStrategyMixin, DDPStrategy):
     """
 
     strategy_name = "hybrid_ddp"
+
+    def teardown(self) -> None:
+        super().teardown()
+        # Spawned workers leave through multiprocessing, which skips the atexit hook that destroys the
+        # process group; a gloo group torn down by interpreter exit while the peer is still connected
+        # can abort the worker (seen once in CI: SIGABRT after a finished fit). After a normal end,
+        # agree that every process is done, then close the group while all peers are alive.
+        # On an exception (teardown runs inside Lightning's except block) a barrier could wait forever.
+        start_method = getattr(self, "_start_method", "popen")
+        if start_method != "popen" and sys.exc_info()[1] is None and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def register_strategies() -> None:

@@ -37,8 +37,8 @@ class _ParameterPredictor(ConstantVelocity):
     def confidence(self) -> float:
         return 1.0
 
-    def observe_params(self, trajectory: Trajectory) -> None:  # pragma: no cover - overridden
-        pass
+    def observe_params(self, trajectory: Trajectory) -> None:
+        pass  # the null predictor needs no history
 
     def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
         return torch.zeros_like(trajectory.current)
@@ -60,7 +60,11 @@ class TailAverage(_ParameterPredictor):
         if self._avg is None:
             self._avg = theta.clone()
             return
-        self._prev_avg = self._avg.clone()
+        # reuse the buffer: this runs on every observed real step
+        if self._prev_avg is None:
+            self._prev_avg = self._avg.clone()
+        else:
+            self._prev_avg.copy_(self._avg)
         self._avg.lerp_(theta, 1 - self.decay)
 
     def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:

@@ -17,8 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hybrid_lightning.errors import ConfigError
 
-PREDICTORS = ("rssm", "constant_velocity", "dmd", "tail_average", "null")
+PREDICTORS = ("rssm", "constant_velocity", "dmd", "tail_average", "nowcast", "null")
 ON_NONFINITE = ("skip", "raise")
+AFTER_JUMP = ("keep", "zero_momentum", "reset")
 
 
 @dataclass
@@ -92,8 +93,9 @@ class HybridConfig:
     predict_threshold: float = 0.6  # predict only when confidence > threshold
     correct_steps: int = 1  # real steps of the Correct phase after each Predict phase
     monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
-    predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "null"
+    predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "nowcast", "null"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
+    after_jump: str = "keep"  # optimizer state after a kept Predict phase: "keep", "zero_momentum", or "reset"
     seed: int = 0  # seeds the dynamics model (initial weights, latent samples)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
@@ -160,6 +162,7 @@ class HybridConfig:
         c.int_range("monitor_every", self.monitor_every, 0, None)
         c.choice("predictor", self.predictor, PREDICTORS)
         c.choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        c.choice("after_jump", self.after_jump, AFTER_JUMP)
         c.int_range("seed", self.seed, 0, 2**63 - 1)
 
         t = self.trajectory

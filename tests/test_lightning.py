@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from hybrid_lightning import (
+    ConfigError,
     HybridConfig,
     HybridPredictiveTraining,
     HybridSingleDeviceStrategy,
@@ -195,3 +196,34 @@ def test_metrics_reach_the_logger(tmp_path):
 def test_default_config_never_predicts_when_threshold_is_one():
     tr, cb, spy, _ = fit(HybridConfig(warmup_steps=5, min_full_steps=5, predict_threshold=1.0), max_steps=60)
     assert cb.report.steps["PREDICT"] == 0 and spy.opt_calls == 60
+
+
+@pytest.mark.parametrize("mode", ["zero_momentum", "reset"])
+def test_after_jump_adjusts_the_optimizer_state_after_kept_phases_only(mode):
+    seen = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            hybrid = next(c for c in trainer.callbacks if isinstance(c, HybridPredictiveTraining))
+            res = hybrid.last_report.phase_result if hybrid.last_report is not None else None
+            if res is not None:
+                states = list(trainer.optimizers[0].state.values())
+                seen.append((res.kept, [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                                        for s in states]))
+
+    cfg = eager_config(after_jump=mode)
+    cfg.divergence.rollback_tolerance = 10.0  # keep every phase whose probe is finite
+    fit(cfg, extra=[Watch()])
+    kept = [states for k, states in seen if k]
+    assert kept, "no phase was kept"
+    for states in kept:
+        if mode == "reset":
+            assert all(len(s) == 0 for s in states)
+        else:
+            assert all(float(s["exp_avg"].abs().sum()) == 0.0 and float(s["exp_avg_sq"].abs().sum()) > 0
+                       for s in states)
+
+
+def test_after_jump_rejects_unknown_modes():
+    with pytest.raises(ConfigError, match="after_jump"):
+        HybridConfig(after_jump="rescale").validate()

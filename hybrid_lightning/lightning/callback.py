@@ -266,6 +266,8 @@ class HybridPredictiveTraining(Callback):
         self.last_report = report
         if report.phase_result is not None:
             self.results.append(report.phase_result)
+            if report.phase_result.kept and self.config.after_jump != "keep":
+                _adjust_optimizer_state(trainer.optimizers[0], self.config.after_jump)
         strategy.hybrid_plan = None  # type: ignore[attr-defined]
         self._open = None
         if trainer.strategy.root_device.type == "cuda":
@@ -377,3 +379,21 @@ class HybridPredictiveTraining(Callback):
         r.final_horizon_cap = e.horizon_cap
         r.curve = list(self._curve.points)
 
+
+_MOMENTA = ("exp_avg", "momentum_buffer")  # Adam/AdamW first moment, SGD momentum
+
+
+def _adjust_optimizer_state(optimizer: Any, mode: str) -> None:
+    """After a kept jump: forget the momentum (it points along the pre-jump path) or all of the state.
+
+    ``reset`` empties the per-parameter state, so the next step re-initialises it as on step one
+    (Adam's bias correction included); every rank does the same, so DDP replicas stay identical.
+    """
+    for st in optimizer.state.values():
+        if mode == "reset":
+            st.clear()
+            continue
+        for key in _MOMENTA:
+            buf = st.get(key)
+            if isinstance(buf, torch.Tensor):
+                buf.zero_()

@@ -25,13 +25,14 @@ from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 from hybrid_lightning.config import PREDICTORS
 
 
-def measure(spec: dict, predictor: str, horizon: int, min_full: int) -> dict:
+def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "") -> dict:
     cfg = HybridConfig(warmup_steps=spec["steps"] // 10, min_full_steps=min_full, max_predict_steps=horizon,
                        predict_threshold=0.0, predictor=predictor)
     cfg.bandit.arms = [0, horizon]
     cfg.bandit.alpha = 100.0
     cfg.bandit.cooldown_steps = 0
     cfg.corrector.weight_correction = False  # value of the prediction itself
+    cfg.dynamics.nowcaster = nowcaster
     L.seed_everything(0, verbose=False)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
     data = _load(spec["data"])(**spec["data_args"])
@@ -60,13 +61,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    choices=PREDICTORS)
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--min-full", type=int, default=24)
+    p.add_argument("--nowcaster", default="", help="weights for predictor nowcast (default: the shipped ones)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = []
     for w in args.workloads:
         spec = yaml.safe_load((HERE / "workloads" / f"{w}.yaml").read_text())
         for pred in args.predictors:
-            res = {"workload": w, "predictor": pred, **measure(spec, pred, args.horizon, args.min_full)}
+            res = {"workload": w, "predictor": pred, **measure(spec, pred, args.horizon, args.min_full, args.nowcaster)}
             out.append(res)
             print(f"[{w}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 

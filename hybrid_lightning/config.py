@@ -46,6 +46,7 @@ class DynamicsConfig:
     train_every: int = 2  # one training update every this many observed steps
     kl_weight: float = 0.1  # weight of KL(posterior || prior) in the training loss
     confidence_decay: float = 0.95  # EMA decay of the one-step prediction error behind confidence
+    nowcaster: str = ""  # predictor "nowcast": weights from python -m hybrid_lightning.nowcast.train ("": shipped)
 
 
 @dataclass
@@ -187,6 +188,9 @@ class HybridConfig:
         c.int_range("dynamics.train_every", d.train_every, 1, None)
         c.float_range("dynamics.kl_weight", d.kl_weight, 0.0, 100.0)
         c.float_range("dynamics.confidence_decay", d.confidence_decay, 0.0, 1.0, lo_open=True, hi_open=True)
+        if d.nowcaster and not Path(d.nowcaster).is_file():
+            problems.append(f"dynamics.nowcaster = {d.nowcaster!r} is not a file; train one with "
+                            "python -m hybrid_lightning.nowcast.train, or leave it empty for the shipped weights")
 
         c.int_range("residuals.capacity", self.residuals.capacity, 1, 1_000_000)
 

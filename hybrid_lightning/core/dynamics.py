@@ -430,4 +430,8 @@ def make_dynamics(kind: str, n_layers: int, rank: int, config: DynamicsConfig, s
                 "dmd": predictors.DMDPredictor}
     if kind in research:
         return research[kind](n_layers, rank)
+    if kind == "nowcast":
+        from hybrid_lightning.core.nowcaster import NowcastPredictor  # loads the shipped weights
+
+        return NowcastPredictor(n_layers, rank, config.nowcaster or None)
     raise ValueError(f"unknown predictor {kind!r}")

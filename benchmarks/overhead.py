@@ -1,6 +1,6 @@
 """Per-step cost of having the plugin installed when it does not predict, vs the plain Trainer.
 
-    python -m benchmarks.overhead [--steps 400] [--repeats 3]
+    python -m benchmarks.overhead [--steps 400] [--repeats 3] [--accelerator cuda]
 
 Per workload, interleaved: plain Lightning; the plugin with ``predict_threshold=1.0`` (prediction
 impossible: the engine only monitors); and the plugin with the default config but
@@ -33,13 +33,20 @@ class StepClock(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.skip:
+            _sync(pl_module)
             self.t0 = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
+        _sync(pl_module)
         self.per_step = (time.perf_counter() - self.t0) / (trainer.global_step - self.skip)
 
 
-def per_step(spec: dict, steps: int, hybrid: dict | None) -> float:
+def _sync(pl_module) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
+
+
+def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu") -> float:
     L.seed_everything(0, verbose=False)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
     data = _load(spec["data"])(**spec["data_args"])
@@ -47,7 +54,7 @@ def per_step(spec: dict, steps: int, hybrid: dict | None) -> float:
     callbacks: list = [clock]
     if hybrid is not None:
         callbacks.append(HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False))
-    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, strategy="hybrid" if hybrid is not None else "auto",
+    L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid is not None else "auto",
               callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, data)
     return clock.per_step
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = []
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for _ in range(args.repeats):
             for mode, hybrid in MODES.items():  # interleaved
-                times[mode].append(per_step(spec, args.steps, hybrid))
+                times[mode].append(per_step(spec, args.steps, hybrid, args.accelerator))
         med = {m: statistics.median(t) for m, t in times.items()}
         out.append({"workload": name, "plain_ms": 1000 * med["plain"],
                     "monitor_only_ratio": med["monitor_only"] / med["plain"],

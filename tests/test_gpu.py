@@ -109,3 +109,20 @@ def test_a_run_that_never_predicts_is_identical_to_plain_training_on_cuda(monkey
         torch.use_deterministic_algorithms(False)
     for a, b in zip(*finals):
         assert torch.equal(a, b)
+
+
+def test_nowcast_predictor_jumps_on_cuda():
+    """The shipped nowcaster runs where the parameters live; its jumps and the optimizer reset stay finite."""
+    cfg = eager_config(after_jump="zero_momentum")
+    cfg.predictor = "nowcast"
+    cfg.trajectory.stride = 8
+    cfg.min_full_steps = 136
+    cfg.max_predict_steps = 32
+    cfg.bandit.arms = [0, 32]
+    cfg.bandit.cooldown_steps = 0
+    cb = HybridPredictiveTraining(cfg.validate(), verbose=False)
+    model = TinyRegressor()
+    tr = trainer([cb], max_steps=400, accelerator="cuda", devices=1, strategy="hybrid")
+    tr.fit(model)
+    assert cb.report.steps["PREDICT"] >= 32 and cb.engine.counters["phases"] >= 1
+    _states_finite(model, tr)

@@ -227,3 +227,17 @@ def test_after_jump_adjusts_the_optimizer_state_after_kept_phases_only(mode):
 def test_after_jump_rejects_unknown_modes():
     with pytest.raises(ConfigError, match="after_jump"):
         HybridConfig(after_jump="rescale").validate()
+
+
+def test_nowcast_predictor_in_a_lightning_run():
+    cfg = eager_config(after_jump="zero_momentum")
+    cfg.predictor = "nowcast"
+    cfg.trajectory.stride = 8
+    cfg.min_full_steps = 136
+    cfg.max_predict_steps = 32
+    cfg.bandit.arms = [0, 32]
+    cfg.bandit.cooldown_steps = 0
+    tr, cb, spy, model = fit(cfg.validate(), max_steps=400)
+    assert cb.report.steps["PREDICT"] >= 32 and cb.engine.counters["phases"] >= 1
+    assert spy.backward_calls == tr.global_step - cb.report.steps["PREDICT"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

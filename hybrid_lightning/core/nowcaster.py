@@ -80,7 +80,7 @@ def featurize(history: Tensor, horizon_ratio: float, is_vector: bool,
     rel = ((history[:-1] - cur) / s).clamp(-_CLIP, _CLIP).T  # [n, c-1]
     mag = (cur / size.clamp_min(_EPS)).clamp(-_CLIP, _CLIP)[:, None]
     ratio = torch.log10(s / size.clamp_min(_EPS)).nan_to_num(0.0).clamp(-8.0, 2.0) / 4.0
-    const = torch.stack([ratio, torch.tensor(float(is_vector)), torch.tensor(float(horizon_ratio))])
+    const = torch.stack([ratio, ratio.new_tensor(float(is_vector)), ratio.new_tensor(float(horizon_ratio))])
     parts = [rel, mag, const.to(cur).expand(cur.numel(), 3)]
     if neuron is not None:
         parts += [((h[:-1].float() - h[-1].float()) / s).clamp(-_CLIP, _CLIP).T for h in neuron]

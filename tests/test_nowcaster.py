@@ -18,9 +18,17 @@ from hybrid_lightning import HybridConfig
 from hybrid_lightning.config import TrajectoryConfig
 from hybrid_lightning.core.dynamics import make_dynamics
 from hybrid_lightning.core.engine import HybridEngine, StepObservation
-from hybrid_lightning.core.nowcaster import NowcasterNet, NowcastPredictor, featurize, load_nowcaster
+from hybrid_lightning.core.nowcaster import (
+    NowcasterNet,
+    NowcastPredictor,
+    featurize,
+    load_nowcaster,
+    neuron_means,
+    neuron_paths,
+)
 from hybrid_lightning.core.trajectory import Trajectory
 from hybrid_lightning.nowcast.corpus import build, draw_task, record_task
+from hybrid_lightning.nowcast.train import _entry_neurons
 
 
 @pytest.fixture
@@ -165,3 +173,53 @@ def test_config_names_a_missing_nowcaster_file(tmp_path):
 
     with pytest.raises(ConfigError, match="dynamics.nowcaster"):
         HybridConfig.from_dict({"predictor": "nowcast", "dynamics": {"nowcaster": str(tmp_path / "nope.pt")}})
+
+
+def test_state_dict_round_trip_gives_the_same_next_jump():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    traj = Trajectory(list(model.parameters()), TrajectoryConfig(stride=8))
+    pred = NowcastPredictor(3 + 1, 1)
+    _observe(pred, model, traj, 100, 8)  # history half full: the round trip must carry it and the counters
+    buf = io.BytesIO()
+    torch.save(pred.state_dict(), buf)
+    buf.seek(0)
+    other = NowcastPredictor(3 + 1, 1)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    clone = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    clone.load_state_dict(model.state_dict())
+    traj2 = Trajectory(list(clone.parameters()), TrajectoryConfig(stride=8))
+    traj2.load_state_dict(traj.state_dict())
+    _observe(pred, model, traj, 48, 8)
+    _observe(other, clone, traj2, 48, 8)
+    assert pred.confidence() == other.confidence() == 1.0
+    torch.testing.assert_close(pred.predict_displacement(traj, 64), other.predict_displacement(traj2, 64),
+                               rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 6), k=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_neuron_paths_are_the_row_and_column_means_of_every_entry(rows, cols, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, cols, k)  # a conv-like kernel: columns are everything after the first dimension
+    hist = torch.randn(3, rows * cols * k, generator=g)
+    r_path, c_path = neuron_paths(hist, shape)
+    for t in range(3):
+        r, c = neuron_means(hist[t].view(shape))
+        flat = torch.arange(rows * cols * k)
+        torch.testing.assert_close(r_path[t], r[flat // (cols * k)])
+        torch.testing.assert_close(c_path[t], c[flat % (cols * k)])
+        # the training samples index the recorded means the same way (train/run-time consistency)
+        row, col = _entry_neurons(flat, shape)
+        torch.testing.assert_close(r_path[t], r[row])
+        torch.testing.assert_close(c_path[t], c[col])
+
+
+def test_neuron_paths_of_a_vector_are_itself_and_its_mean():
+    hist = torch.randn(3, 7)
+    r_path, c_path = neuron_paths(hist, (7,))
+    row, col = _entry_neurons(torch.arange(7), (7,))
+    for t in range(3):
+        r, c = neuron_means(hist[t])
+        torch.testing.assert_close(r_path[t], r[row])
+        torch.testing.assert_close(c_path[t], c[col])

@@ -80,14 +80,21 @@ def load_corpus(corpus: Path, spacing: int, context: int, per_tensor: int, seed:
     rng = random.Random(seed)
     parts: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"train": [], "heldout": []}
     families: dict[str, int] = {}
+    held_by_family: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
     for f in files:
         rec = torch.load(f, weights_only=False)
         split = "heldout" if rec["spec"]["index"] % 5 == 4 else "train"
-        parts[split].append(samples(rec, spacing, context, rng, per_tensor, neuron))
-        families[rec["spec"]["family"]] = families.get(rec["spec"]["family"], 0) + 1
+        chunk = samples(rec, spacing, context, rng, per_tensor, neuron)
+        parts[split].append(chunk)
+        fam = rec["spec"]["family"]
+        families[fam] = families.get(fam, 0) + 1
+        if split == "heldout":
+            held_by_family.setdefault(fam, []).append(chunk)
     out: dict[str, Any] = {"tasks": len(files), "families": families}
     for split, chunks in parts.items():
         out[split] = tuple(torch.cat([c[i] for c in chunks]) for i in range(3))
+    out["heldout_by_family"] = {fam: tuple(torch.cat([c[i] for c in chunks]) for i in range(3))
+                                for fam, chunks in sorted(held_by_family.items())}
     return out
 
 
@@ -160,8 +167,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{held['skill_model']:+.4f} (trend {held['skill_trend']:+.4f})", flush=True)
     seconds = time.perf_counter() - t0
     held = evaluate(net, *data["heldout"], args.context, args.spacing)
+    by_family = {fam: {k: v for k, v in evaluate(net, *d, args.context, args.spacing).items()
+                       if k in ("samples", "skill_model", "skill_trend")}
+                 for fam, d in data["heldout_by_family"].items()}
     report = {"neuron": args.neuron, "corpus_tasks": data["tasks"], "families": data["families"],
-              "train_samples": len(y), "train_seconds": round(seconds, 1), "heldout": held}
+              "train_samples": len(y), "train_seconds": round(seconds, 1), "heldout": held,
+              "heldout_by_family": by_family}
     torch.save({"state_dict": net.state_dict(), "context": args.context, "hidden": args.hidden, "neuron": args.neuron,
                 "spacing": args.spacing, "version": 1, "report": json.dumps(report)}, args.out)
     print(json.dumps(report, indent=1))

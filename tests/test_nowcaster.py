@@ -223,3 +223,26 @@ def test_neuron_paths_of_a_vector_are_itself_and_its_mean():
         r, c = neuron_means(hist[t])
         torch.testing.assert_close(r_path[t], r[row])
         torch.testing.assert_close(c_path[t], c[col])
+
+
+def test_a_stride_that_does_not_divide_the_spacing_scales_the_horizon():
+    """Stride 24: snapshots every observation, 24 steps apart (trained: 32). A 24-step jump is then one
+    spacing, like a 32-step jump at stride 8; without the scaling it would be 0.75 of one."""
+    torch.manual_seed(0)
+    hist = torch.cumsum(torch.randn(5, 36), 0)  # nn.Linear(5, 6): 30 weights + 6 biases
+    model = nn.Linear(5, 6)
+    params = list(model.parameters())
+
+    def jump(stride, steps):
+        traj = Trajectory(params, TrajectoryConfig(stride=stride))
+        pred = NowcastPredictor(2, 1)
+        for h in hist:
+            with torch.no_grad():
+                for p, v in zip(params, traj._views(h.clone())):
+                    p.copy_(v)
+            traj.sync()
+            pred._snaps.append(traj.current.clone())
+        return pred.predict_displacement(traj, steps)
+
+    torch.testing.assert_close(jump(24, 24), jump(8, 32))
+    assert not torch.allclose(jump(24, 32), jump(8, 32))

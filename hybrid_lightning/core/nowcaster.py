@@ -133,6 +133,9 @@ class NowcastPredictor(_ParameterPredictor):
     The history restarts after every phase (kept or rolled back), so the next jump needs
     ``(context - 1) * spacing`` real steps first: set ``min_full_steps`` to at least that. Reports
     confidence 0 until the history is full, so the bandit never asks for a jump it cannot make.
+    Snapshots are taken on observed steps, so the spacing is the multiple of ``trajectory.stride``
+    nearest to the trained one (the shipped model: 32 steps, i.e. every 4th observation at the
+    default stride 8); the horizon is scaled to the spacing actually used.
     """
 
     def __init__(self, n_layers: int, rank: int, path: str | Path | None = None) -> None:
@@ -168,7 +171,9 @@ class NowcastPredictor(_ParameterPredictor):
         hist = torch.stack(list(self._snaps))  # [c, numel]
         # the nowcast starts at the last snapshot, which may be a few observations old: predict that much further
         disp = hist[-1] - trajectory.current
-        ratio = (steps + self._since * trajectory.config.stride) / self.spacing
+        stride = trajectory.config.stride
+        # horizon in units of the spacing actually used (a stride that does not divide the trained spacing)
+        ratio = (steps + self._since * stride) / (max(1, round(self.spacing / stride)) * stride)
         for lo, n, shape, view in zip(_offsets(trajectory.numels), trajectory.numels, trajectory.shapes,
                                       trajectory._views(disp)):
             view.add_(self.net.displacement(hist[:, lo:lo + n], ratio, shape).view_as(view))

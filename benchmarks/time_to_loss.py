@@ -181,18 +181,18 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
         variants = {k: v for k, v in variants.items() if k in args.variants}
     runs: list[Run] = []
     for rep in range(args.repeats):  # interleaved: baseline, hybrids, controls, then again
-        runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator))
+        runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator, seed=args.seed))
         _say(name, runs[-1])
         for var, overrides in variants.items():
-            h = train(spec, f"hybrid:{var}", N, lr, rep, overrides, args.accelerator)
+            h = train(spec, f"hybrid:{var}", N, lr, rep, overrides, args.accelerator, seed=args.seed)
             runs.append(h)
             _say(name, h)
             if h.backward_passes < N:
-                c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator)
+                c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator, seed=args.seed)
                 runs.append(c)
                 _say(name, c)
     # the noise floor of "final val loss": the same baseline with other initializations and data orders
-    for seed in range(1, args.seeds):
+    for seed in [s for s in range(args.seeds + 1) if s != args.seed][:max(args.seeds - 1, 0)]:
         runs.append(train(spec, f"seed:{seed}", N, lr, 0, None, args.accelerator, seed=seed))
         _say(name, runs[-1])
     return summarize(name, spec, lr, sweep, runs, variants, args)
@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--variants", nargs="+", help="hybrid variants to run (default: all in the workload YAML)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3, help="baseline runs with seeds 0..n-1: the final-loss noise floor")
+    p.add_argument("--seed", type=int, default=0,
+                   help="init and data-order seed of the comparison runs (baseline, hybrids, controls)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])

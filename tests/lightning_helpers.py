@@ -65,6 +65,18 @@ def eager_config(**kw) -> HybridConfig:
     return cfg.validate()
 
 
+def nowcast_config() -> HybridConfig:
+    """The shipped nowcaster, forced to jump 32 steps as soon as its 5 snapshots are in (every 136 real steps)."""
+    cfg = eager_config(after_jump="zero_momentum")
+    cfg.predictor = "nowcast"
+    cfg.trajectory.stride = 8
+    cfg.min_full_steps = 136
+    cfg.max_predict_steps = 32
+    cfg.bandit.arms = [0, 32]
+    cfg.bandit.cooldown_steps = 0
+    return cfg.validate()
+
+
 def trainer(callbacks, max_steps=120, **kw):
     defaults = dict(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                     default_root_dir=tempfile.mkdtemp(prefix="hybrid-test-"),

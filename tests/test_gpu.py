@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hybrid_lightning import HybridPredictiveTraining
-from lightning_helpers import StepData, TinyRegressor, eager_config, trainer
+from lightning_helpers import StepData, TinyRegressor, eager_config, nowcast_config, trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -113,14 +113,8 @@ def test_a_run_that_never_predicts_is_identical_to_plain_training_on_cuda(monkey
 
 def test_nowcast_predictor_jumps_on_cuda():
     """The shipped nowcaster runs where the parameters live; its jumps and the optimizer reset stay finite."""
-    cfg = eager_config(after_jump="zero_momentum")
-    cfg.predictor = "nowcast"
-    cfg.trajectory.stride = 8
-    cfg.min_full_steps = 136
-    cfg.max_predict_steps = 32
-    cfg.bandit.arms = [0, 32]
-    cfg.bandit.cooldown_steps = 0
-    cb = HybridPredictiveTraining(cfg.validate(), verbose=False)
+    cfg = nowcast_config()
+    cb = HybridPredictiveTraining(cfg, verbose=False)
     model = TinyRegressor()
     tr = trainer([cb], max_steps=400, accelerator="cuda", devices=1, strategy="hybrid")
     tr.fit(model)

@@ -16,7 +16,7 @@ from hybrid_lightning import (
     IncompatibleSetupError,
     Phase,
 )
-from lightning_helpers import TinyRegressor, eager_config, trainer
+from lightning_helpers import TinyRegressor, eager_config, nowcast_config, trainer
 
 
 class Spy(Callback):
@@ -230,14 +230,8 @@ def test_after_jump_rejects_unknown_modes():
 
 
 def test_nowcast_predictor_in_a_lightning_run():
-    cfg = eager_config(after_jump="zero_momentum")
-    cfg.predictor = "nowcast"
-    cfg.trajectory.stride = 8
-    cfg.min_full_steps = 136
-    cfg.max_predict_steps = 32
-    cfg.bandit.arms = [0, 32]
-    cfg.bandit.cooldown_steps = 0
-    tr, cb, spy, model = fit(cfg.validate(), max_steps=400)
+    cfg = nowcast_config()
+    tr, cb, spy, model = fit(cfg, max_steps=400)
     assert cb.report.steps["PREDICT"] >= 32 and cb.engine.counters["phases"] >= 1
     assert spy.backward_calls == tr.global_step - cb.report.steps["PREDICT"]
     assert all(torch.isfinite(p).all() for p in model.parameters())

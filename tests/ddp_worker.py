@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hybrid_lightning import HybridDDPStrategy, HybridPredictiveTraining, Phase  # noqa: E402
-from lightning_helpers import eager_config  # noqa: E402
+from lightning_helpers import eager_config, nowcast_config  # noqa: E402
 
 
 class DDPModel(L.LightningModule):
@@ -116,6 +116,7 @@ def main():
     p.add_argument("--nan-after", type=int, default=-1)
     p.add_argument("--ckpt-dir", default="")
     p.add_argument("--resume", default="")
+    p.add_argument("--nowcast", type=int, default=0, help="the shipped nowcaster instead of constant velocity")
     args = p.parse_args()
     # a native abort in a worker then prints where it happened (the env var reaches spawned children)
     faulthandler.enable()
@@ -123,7 +124,7 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = DDPModel(batchnorm=bool(args.batchnorm), unused=bool(args.unused))
-    cb = HybridPredictiveTraining(eager_config(), verbose=False)
+    cb = HybridPredictiveTraining(nowcast_config() if args.nowcast else eager_config(), verbose=False)
     nan = NanAtPhaseEnd(cb, args.nan_after) if args.nan_after >= 0 else None
     callbacks = ([nan] if nan else []) + [cb, Events(cb, args.out, nan)]
     if args.ckpt_dir:

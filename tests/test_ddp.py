@@ -38,7 +38,8 @@ def assert_ranks_identical(a, b):
     ["--find-unused", "1", "--unused", "1"],
     ["--static-graph", "1"],
     ["--batchnorm", "1"],
-], ids=["popen", "spawn", "find_unused", "static_graph", "batchnorm"])
+    ["--nowcast", "1", "--steps", "360"],  # two whole jumps (every 136 real steps after a 10-step warmup)
+], ids=["popen", "spawn", "find_unused", "static_graph", "batchnorm", "nowcast"])
 def test_ranks_stay_bit_identical_through_all_phases(tmp_path, args):
     a, b = run_ddp(tmp_path, *args)
     assert_ranks_identical(a, b)

@@ -151,13 +151,16 @@ class NowcastPredictor(_ParameterPredictor):
         if self._restart:
             self._snaps.clear()
             self._calls, self._restart = 0, False
-        every = max(1, round(self.spacing / trajectory.config.stride))
+        every = self._observations_per_snapshot(trajectory.config.stride)
         if self._calls % every == 0:
             self._snaps.append(trajectory.current.clone())
             self._since = 0
         else:
             self._since += 1
         self._calls += 1
+
+    def _observations_per_snapshot(self, stride: int) -> int:
+        return max(1, round(self.spacing / stride))
 
     def confidence(self) -> float:
         return 1.0 if len(self._snaps) == self.context else 0.0
@@ -173,10 +176,9 @@ class NowcastPredictor(_ParameterPredictor):
         disp = hist[-1] - trajectory.current
         stride = trajectory.config.stride
         # horizon in units of the spacing actually used (a stride that does not divide the trained spacing)
-        ratio = (steps + self._since * stride) / (max(1, round(self.spacing / stride)) * stride)
-        for lo, n, shape, view in zip(_offsets(trajectory.numels), trajectory.numels, trajectory.shapes,
-                                      trajectory._views(disp)):
-            view.add_(self.net.displacement(hist[:, lo:lo + n], ratio, shape).view_as(view))
+        ratio = (steps + self._since * stride) / (self._observations_per_snapshot(stride) * stride)
+        for h, shape, view in zip(hist.split(trajectory.numels, dim=1), trajectory.shapes, trajectory._views(disp)):
+            view.add_(self.net.displacement(h, ratio, shape).view_as(view))
         return disp
 
     def state_dict(self) -> dict[str, Any]:
@@ -189,10 +191,3 @@ class NowcastPredictor(_ParameterPredictor):
         self._snaps = deque((s.clone() for s in sd["snaps"]), maxlen=self.context)
         self._calls, self._since, self._restart = int(sd["calls"]), int(sd["since"]), bool(sd["restart"])
 
-
-def _offsets(numels: list[int]) -> list[int]:
-    out, acc = [], 0
-    for n in numels:
-        out.append(acc)
-        acc += n
-    return out

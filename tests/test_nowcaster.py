@@ -21,6 +21,7 @@ from hybrid_lightning.core.engine import HybridEngine, StepObservation
 from hybrid_lightning.core.nowcaster import (
     NowcasterNet,
     NowcastPredictor,
+    entry_neurons,
     featurize,
     load_nowcaster,
     neuron_means,
@@ -28,7 +29,6 @@ from hybrid_lightning.core.nowcaster import (
 )
 from hybrid_lightning.core.trajectory import Trajectory
 from hybrid_lightning.nowcast.corpus import build, draw_task, record_task
-from hybrid_lightning.nowcast.train import _entry_neurons
 
 
 @pytest.fixture
@@ -210,7 +210,7 @@ def test_neuron_paths_are_the_row_and_column_means_of_every_entry(rows, cols, k,
         torch.testing.assert_close(r_path[t], r[flat // (cols * k)])
         torch.testing.assert_close(c_path[t], c[flat % (cols * k)])
         # the training samples index the recorded means the same way (train/run-time consistency)
-        row, col = _entry_neurons(flat, shape)
+        row, col = entry_neurons(flat, shape)
         torch.testing.assert_close(r_path[t], r[row])
         torch.testing.assert_close(c_path[t], c[col])
 
@@ -218,7 +218,7 @@ def test_neuron_paths_are_the_row_and_column_means_of_every_entry(rows, cols, k,
 def test_neuron_paths_of_a_vector_are_itself_and_its_mean():
     hist = torch.randn(3, 7)
     r_path, c_path = neuron_paths(hist, (7,))
-    row, col = _entry_neurons(torch.arange(7), (7,))
+    row, col = entry_neurons(torch.arange(7), (7,))
     for t in range(3):
         r, c = neuron_means(hist[t])
         torch.testing.assert_close(r_path[t], r[row])

@@ -20,6 +20,7 @@ The output times ``s_l`` is the predicted ``h(now + k) - h(now)``.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from importlib import resources
 from pathlib import Path
@@ -54,15 +55,23 @@ def neuron_means(p: Tensor) -> tuple[Tensor, Tensor]:
     return m.mean(1), m.mean(0)
 
 
-def neuron_paths(history: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """For every entry, the history ``[c, n]`` of its row's and its column's mean (see :func:`neuron_means`)."""
-    c = history.shape[0]
+def entry_neurons(flat_index: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Row and column (indices into :func:`neuron_means`' outputs) of flat entries of a tensor of ``shape``."""
     if len(shape) <= 1:
-        return history, history.mean(1, keepdim=True).expand_as(history)
-    m = history.reshape(c, shape[0], -1)
-    rows = m.mean(2, keepdim=True).expand_as(m).reshape(c, -1)
-    cols = m.mean(1, keepdim=True).expand_as(m).reshape(c, -1)
-    return rows, cols
+        return flat_index, torch.zeros_like(flat_index)
+    cols = math.prod(shape[1:])
+    return flat_index // cols, flat_index % cols
+
+
+def neuron_paths(history: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """For every entry, the history ``[c, n]`` of its row's and its column's mean (see :func:`neuron_means`).
+
+    Built from the same :func:`neuron_means` and :func:`entry_neurons` the corpus and the training
+    samples use, so run-time features match training features exactly.
+    """
+    row, col = entry_neurons(torch.arange(history.shape[1], device=history.device), shape)
+    means = [neuron_means(h.view(shape)) for h in history]
+    return torch.stack([r[row] for r, _ in means]), torch.stack([c[col] for _, c in means])
 
 
 def featurize(history: Tensor, horizon_ratio: float, is_vector: bool,

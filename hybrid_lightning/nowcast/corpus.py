@@ -1,6 +1,6 @@
 """Trajectory corpus for the meta-trained nowcaster: many small generated tasks, recorded.
 
-    python -m hybrid_lightning.nowcast.corpus --out .cache/nowcast/corpus [--tasks 120] [--first 0]
+    python -m hybrid_lightning.nowcast.corpus [--out .cache/nowcast/corpus] [--tasks 240] [--first 0]
 
 Each task is drawn deterministically from its index: a family (MLP classifying a Gaussian mixture,
 CNN classifying generated gratings, tiny causal transformer on a random Markov-chain language),
@@ -12,9 +12,9 @@ Every ``record_every`` optimizer steps the recorder stores, per parameter tensor
 fixed random subset of at most ``max_entries`` entries (the nowcaster is a per-parameter model, so
 a subset is a fair sample), every neuron's mean incoming and outgoing weight (the inputs of the
 neuron-aware features, ``core.nowcaster.neuron_means``), the mean training loss and the learning
-rate. One ``.pt`` file per
-task; existing files are skipped, so an interrupted run resumes where it stopped. Pure torch, one
-thread, a few seconds per task: the default 240 tasks took 21 minutes on a 2-core x86_64 CPU (357 MB).
+rate. One ``.pt`` file per task; existing files are skipped, so an interrupted run resumes where it
+stopped. Pure torch, one thread, a few seconds per task: the default 240 tasks took 21 minutes on a
+2-core x86_64 CPU (357 MB).
 """
 
 from __future__ import annotations

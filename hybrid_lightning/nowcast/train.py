@@ -24,19 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hybrid_lightning.core.nowcaster import _MAX_OUT, CONTEXT, NowcasterNet, featurize, n_features
+from hybrid_lightning.core.nowcaster import _EPS, _MAX_OUT, CONTEXT, NowcasterNet, entry_neurons, featurize, n_features
 
 HORIZONS = 16  # in recorded intervals: 1 .. 16 x record_every steps
-
-
-def _entry_neurons(flat_index: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Row and column (as in ``neuron_means``) of flat entries of a tensor of ``shape``."""
-    if len(shape) <= 1:
-        return flat_index, torch.zeros_like(flat_index)
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
-    return flat_index // cols, flat_index % cols
 
 
 def samples(rec: dict[str, Any], spacing: int, context: int, rng: random.Random, per_tensor: int,
@@ -57,11 +47,11 @@ def samples(rec: dict[str, Any], spacing: int, context: int, rng: random.Random,
                 hist = snaps[end - span:end + 1:pr][:, pick]
                 paths = None
                 if neuron:
-                    row, col = _entry_neurons(rec["index"][t][pick], shape)
+                    row, col = entry_neurons(rec["index"][t][pick], shape)
                     window = slice(end - span, end + 1, pr)
                     paths = (rec["rows"][t][window][:, row], rec["cols"][t][window][:, col])
                 feats, scale = featurize(hist, k * every / spacing, len(shape) <= 1, paths)
-                if float(scale) <= 1e-12:
+                if float(scale) <= _EPS:  # a frozen tensor: the model is never asked about it
                     continue
                 target = ((snaps[end + k, pick] - snaps[end, pick]) / scale).clamp(-_MAX_OUT, _MAX_OUT)
                 xs.append(feats)
@@ -139,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1 (the report scores the model after the last epoch)")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -166,7 +158,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"epoch {epoch + 1}/{args.epochs}: train mse {total / n_batches:.4f}, held-out skill "
               f"{held['skill_model']:+.4f} (trend {held['skill_trend']:+.4f})", flush=True)
     seconds = time.perf_counter() - t0
-    held = evaluate(net, *data["heldout"], args.context, args.spacing)
     by_family = {fam: {k: v for k, v in evaluate(net, *d, args.context, args.spacing).items()
                        if k in ("samples", "skill_model", "skill_trend")}
                  for fam, d in data["heldout_by_family"].items()}

@@ -1,6 +1,7 @@
 """What is a predicted step worth? q per Predict phase, for each predictor, over a whole training run.
 
     python -m benchmarks.predictor_value [--workloads mlp cnn char_gpt] [--predictors ...] [--horizon 16]
+        [--regimes adamw_cosine constant_lr low_lr large_batch sgd]
 
 For each workload and predictor, one run with the plugin forced to predict for ``horizon`` steps after
 every ``min_full`` real steps (threshold 0, one horizon arm, no cooldown, exploration always on). Each
@@ -8,6 +9,11 @@ phase is judged by the engine's paired probe; q = (probe loss before - after) / 
 loss decrease per step), before the keep/rollback decision: q = 1 means a predicted step was worth
 a real one, 0 nothing, < 0 harm. Reports the median q and its fraction > 0 per third of training.
 Output is about value, not time: no timing claims. Last lines: one JSON object per (workload, predictor).
+
+``--regimes`` (issue 7, item 5) changes the training setup: ``adamw_cosine`` is the workload as tuned
+(AdamW, warmup + cosine); ``constant_lr`` keeps the LR flat after warmup; ``low_lr`` is a
+fine-tuning-like setup (a tenth of the tuned LR, flat); ``large_batch`` uses 4x the batch;
+``sgd`` replaces AdamW with SGD + Nesterov momentum 0.9 at the workload's ``sgd_lr`` (same schedule).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import types
 
 import lightning as L
 import torch
@@ -23,9 +30,35 @@ import yaml
 from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 from hybrid_lightning.config import PREDICTORS
+from hybrid_lightning.examples.common import configure_adamw
+
+REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd")
 
 
-def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "") -> dict:
+def _sgd_optimizers(self):  # replaces configure_optimizers for the ``sgd`` regime
+    hp = self.hparams
+    out = configure_adamw(self, hp.lr, 0.0, hp.warmup_frac, hp.final_lr_frac, hp.total_steps)
+    sgd = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, out["lr_scheduler"]["scheduler"].lr_lambdas[0])
+    return {"optimizer": sgd, "lr_scheduler": {**out["lr_scheduler"], "scheduler": sched}}
+
+
+def regime_spec(spec: dict, regime: str) -> dict:
+    """The workload spec with one regime's changes (model/data args, LR)."""
+    spec = {**spec, "model_args": dict(spec["model_args"]), "data_args": dict(spec["data_args"])}
+    if regime in ("constant_lr", "low_lr"):
+        spec["model_args"]["final_lr_frac"] = 1.0
+    if regime == "low_lr":
+        spec["lr"] = spec["lr"] / 10
+    if regime == "large_batch":
+        spec["data_args"]["batch_size"] = 4 * spec["data_args"].get("batch_size", 64)
+    if regime == "sgd":
+        spec["lr"] = spec["sgd_lr"]
+    return spec
+
+
+def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
+            regime: str = "adamw_cosine") -> dict:
     cfg = HybridConfig(warmup_steps=spec["steps"] // 10, min_full_steps=min_full, max_predict_steps=horizon,
                        predict_threshold=0.0, predictor=predictor)
     cfg.bandit.arms = [0, horizon]
@@ -34,7 +67,10 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     cfg.corrector.weight_correction = False  # value of the prediction itself
     cfg.dynamics.nowcaster = nowcaster
     L.seed_everything(0, verbose=False)
+    spec = regime_spec(spec, regime)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
+    if regime == "sgd":
+        model.configure_optimizers = types.MethodType(_sgd_optimizers, model)
     data = _load(spec["data"])(**spec["data_args"])
     cb = HybridPredictiveTraining(cfg, verbose=False)
     L.Trainer(max_steps=spec["steps"], accelerator="cpu", devices=1, strategy="hybrid", callbacks=[cb],
@@ -62,26 +98,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--min-full", type=int, default=24)
     p.add_argument("--nowcaster", default="", help="weights for predictor nowcast (default: the shipped ones)")
+    p.add_argument("--regimes", nargs="+", default=["adamw_cosine"], choices=REGIMES)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = []
     for w in args.workloads:
         spec = yaml.safe_load((HERE / "workloads" / f"{w}.yaml").read_text())
-        for pred in args.predictors:
-            res = {"workload": w, "predictor": pred, **measure(spec, pred, args.horizon, args.min_full, args.nowcaster)}
-            out.append(res)
-            print(f"[{w}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
+        for regime in args.regimes:
+            for pred in args.predictors:
+                res = {"workload": w, "regime": regime, "predictor": pred,
+                       **measure(spec, pred, args.horizon, args.min_full, args.nowcaster, regime)}
+                out.append(res)
+                print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 
     def f(x: float | None) -> str:
         return "n/a" if x is None else f"{x:+.2f}"
 
     print(f"\nHorizon {args.horizon} predicted steps after every {args.min_full} real steps; q = value of a predicted "
           "step relative to a real one (paired probe), median over phases.\n")
-    print("| workload | predictor | phases | median q (all) | q>0 | early | mid | late |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | regime | predictor | phases | median q (all) | q>0 | early | mid | late |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in out:
         t = r["thirds"]
-        print(f"| {r['workload']} | {r['predictor']} | {r['phases']} | {f(r['median_q'])} | "
+        print(f"| {r['workload']} | {r['regime']} | {r['predictor']} | {r['phases']} | {f(r['median_q'])} | "
               f"{0 if r['positive'] is None else r['positive']:.0%} | {f(t['early']['median_q'])} | "
               f"{f(t['mid']['median_q'])} | {f(t['late']['median_q'])} |")
     for r in out:

@@ -189,7 +189,7 @@ def test_metrics_reach_the_logger(tmp_path):
     tr.fit(TinyRegressor())
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for key in ("hybrid/phase", "hybrid/confidence", "hybrid/backward_skip_ratio", "hybrid/rollbacks",
-                "hybrid/residual", "hybrid/horizon", "hybrid/actual_loss"):
+                "hybrid/residual", "hybrid/horizon", "hybrid/actual_loss", "hybrid/dormant"):
         assert key in header, key
 
 

@@ -65,6 +65,9 @@ class DynamicsModel(Protocol):
     def observe_residual(self, residual: float) -> None:
         """A Predict phase missed its predicted loss change by ``residual`` (in loss-scale units)."""
 
+    # Optional: ``restart()``, called when the engine wakes from dormancy (many real steps went
+    # unobserved); a model with a history of consecutive observations drops it there.
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
@@ -178,6 +181,9 @@ class ConstantVelocity:
     def observe_residual(self, residual: float) -> None:
         if math.isfinite(residual):
             self._conf *= 1.0 / (1.0 + residual * residual)
+
+    def restart(self) -> None:
+        """Observations resume after a gap: the running means of a steady trajectory still apply."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"coef": self._coef.state(), "loss": self._loss.state(), "conf": self._conf,
@@ -383,6 +389,10 @@ class RSSMLite:
 
     def confidence(self) -> float:
         return self._conf
+
+    def restart(self) -> None:
+        """Observations resume after a gap: train only on windows that do not bridge it."""
+        self._window.clear()
 
     def observe_residual(self, residual: float) -> None:
         if math.isfinite(residual):

@@ -145,10 +145,14 @@ class HybridEngine:
         self._horizon_cap = min((a for a in cfg.horizons if a > 0), default=0)
         self._cooldown_until = 0
         self._cooldown_len = cfg.bandit.cooldown_steps
+        # dormancy: after dormant_after real steps without a Predict phase, stop observing for a doubling period
+        self._awake_since = cfg.warmup_steps
+        self._dormant_until = 0
+        self._dormant_len = cfg.bandit.dormant_after
         self.counters: dict[str, int] = {
             "real_steps": 0, "predicted_steps": 0, "skipped_steps": 0, "phases": 0, "kept": 0, "rollbacks": 0,
             "corrections_tried": 0, "corrections_kept": 0, "probe_forwards": 0, "monitor_forwards": 0,
-            "divergence_events": 0,
+            "divergence_events": 0, "dormant_steps": 0, "dormant_periods": 0,
         }
         self.last_phase_result: PhaseResult | None = None
         self._events: list[HybridTrainingError] = []  # raised since the last report
@@ -167,6 +171,14 @@ class HybridEngine:
 
     def confidence(self) -> float:
         return float(min(max(self.dynamics.confidence(), 0.0), 1.0))
+
+    @property
+    def dormant(self) -> bool:
+        """True while the engine only monitors, because it has not predicted for a long time.
+
+        The trajectory and the dynamics model are idle (they cost nothing), and no Predict phase
+        starts; the divergence monitor keeps checking every real step."""
+        return self.step < self._dormant_until
 
     @property
     def horizon_cap(self) -> int:
@@ -205,6 +217,7 @@ class HybridEngine:
         self._phase_start = {"step": self.step, "horizon": ps.horizon, "features": features, "loss0": loss0,
                              "forwards": 0}
         self.counters["phases"] += 1
+        self._awake_since = self.step
 
     def _plan_predicted_step(self) -> StepPlan:
         pred = self._prediction
@@ -261,6 +274,7 @@ class HybridEngine:
         else:
             if alarm or div.action is RecoveryAction.REDUCE_HORIZON:
                 self._shrink_horizon()
+            self._update_dormancy(ps.phase)
             self.phase_state = self._next_after_real(ps, alarm)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
@@ -287,9 +301,11 @@ class HybridEngine:
         loss = obs.loss
         div = self.monitor.check_real(loss, obs.grad_norm)
         upd = None
+        if self.dormant:
+            self.counters["dormant_steps"] += 1
         if self.trajectory.step_taken():
-            if not self.prediction_enabled:
-                # nothing will ever be predicted: monitor only, skip the trajectory and the dynamics model
+            if not self.prediction_enabled or self.dormant:
+                # nothing will be predicted for a while: monitor only, skip the trajectory and the dynamics model
                 self.trajectory.skip_observation()
                 self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm)
                 return div
@@ -316,11 +332,34 @@ class HybridEngine:
             self._block_loss, self._block_count = 0.0, 0
         return div
 
+    def _update_dormancy(self, phase: Phase) -> None:
+        """Fall asleep after ``min_full_steps + dormant_after`` real steps without a Predict phase; wake when
+        the period (``dormant_after``, doubling up to 32x until a phase pays) ends."""
+        base = self.config.bandit.dormant_after
+        if base <= 0 or not self.prediction_enabled:
+            return
+        if self._dormant_until and self.step >= self._dormant_until:
+            # wake: the parameters moved while nobody looked; observe afresh from here
+            self._dormant_until = 0
+            self._awake_since = self.step
+            self.trajectory.sync()
+            self._last_block_loss = None
+            self._block_loss, self._block_count = 0.0, 0
+            restart = getattr(self.dynamics, "restart", None)
+            if callable(restart):
+                restart()
+            return
+        idle = self.step - self._awake_since
+        if not self.dormant and phase is Phase.FULL and idle >= self.limits.min_full_steps + base:
+            self._dormant_until = self.step + self._dormant_len
+            self._dormant_len = min(2 * self._dormant_len, 32 * base)
+            self.counters["dormant_periods"] += 1
+
     def _next_after_real(self, ps: PhaseState, alarm: bool) -> PhaseState:
         horizon = 0
         done = PhaseState(ps.phase, ps.steps_in_phase + 1, ps.horizon)
         conf = self.confidence()
-        if ready_to_predict(done, conf, alarm, self.limits):
+        if ready_to_predict(done, conf, alarm, self.limits) and not self.dormant:
             if self.step >= self._cooldown_until and self._horizon_cap > 0:
                 horizon = self.bandit.choose(self.state.features(), self._horizon_cap)
         return next_phase(ps, self.step, conf, alarm, horizon, self.limits)
@@ -394,6 +433,7 @@ class HybridEngine:
             longer = [a for a in self.bandit.arms if a > self._horizon_cap]
             self._horizon_cap = min(longer, default=self._horizon_cap)
             self._cooldown_len = cfg.bandit.cooldown_steps
+            self._dormant_len = cfg.bandit.dormant_after
         elif not kept:
             self._shrink_horizon()
         self._prediction, self._phase_start, self._displacement = None, None, None
@@ -460,6 +500,7 @@ class HybridEngine:
             "block": [self._block_loss, self._block_count, self._last_block_loss],
             "horizon_cap": self._horizon_cap,
             "cooldown": [self._cooldown_until, self._cooldown_len],
+            "dormancy": [self._awake_since, self._dormant_until, self._dormant_len],
             "counters": dict(self.counters),
             "state": self.state.state_dict(),
             "trajectory": self.trajectory.state_dict(),
@@ -496,5 +537,8 @@ class HybridEngine:
         self._block_loss, self._block_count, self._last_block_loss = sd["block"]
         self._horizon_cap = int(sd["horizon_cap"])
         self._cooldown_until, self._cooldown_len = (int(x) for x in sd["cooldown"])
+        # absent from states written before dormancy existed: awake, as a fresh engine would be
+        default = [self.config.warmup_steps, 0, self.config.bandit.dormant_after]
+        self._awake_since, self._dormant_until, self._dormant_len = (int(x) for x in sd.get("dormancy", default))
         self.counters.update({k: int(v) for k, v in sd["counters"].items()})
         self._plan = None

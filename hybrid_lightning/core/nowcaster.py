@@ -168,6 +168,9 @@ class NowcastPredictor(_ParameterPredictor):
             self._since += 1
         self._calls += 1
 
+    def restart(self) -> None:
+        self._restart = True  # the context needs equally spaced snapshots
+
     def _observations_per_snapshot(self, stride: int) -> int:
         return max(1, round(self.spacing / stride))
 

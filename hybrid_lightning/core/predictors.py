@@ -67,6 +67,9 @@ class TailAverage(_ParameterPredictor):
             self._prev_avg.copy_(self._avg)
         self._avg.lerp_(theta, 1 - self.decay)
 
+    def restart(self) -> None:
+        self._avg = self._prev_avg = None  # an average over a gap points into the past
+
     def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
         if self._avg is None:
             return None
@@ -98,6 +101,9 @@ class DMDPredictor(_ParameterPredictor):
 
     def observe_params(self, trajectory: Trajectory) -> None:
         self._snaps.append(trajectory.current.clone())
+
+    def restart(self) -> None:
+        self._snaps.clear()  # the fit needs equally spaced snapshots
 
     def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
         snaps = list(self._snaps)

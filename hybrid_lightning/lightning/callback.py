@@ -301,6 +301,7 @@ class HybridPredictiveTraining(Callback):
             "hybrid/backward_skip_ratio": self._skip_ratio(),
             "hybrid/rollbacks": float(self.engine.counters["rollbacks"]),
             "hybrid/horizon_cap": float(self.engine.horizon_cap),
+            "hybrid/dormant": float(self.engine.dormant),
         }
         if loss is not None:
             values["hybrid/actual_loss"] = loss
@@ -373,6 +374,7 @@ class HybridPredictiveTraining(Callback):
         r.predict_phases, r.kept_phases, r.rollbacks = c["phases"], c["kept"], c["rollbacks"]
         r.corrections_kept, r.divergence_events = c["corrections_kept"], c["divergence_events"]
         r.skipped_nonfinite_steps, r.probe_forwards = c["skipped_steps"], c["probe_forwards"]
+        r.dormant_steps = c["dormant_steps"]
         vals = self._metrics.values()
         r.mean_abs_residual, r.mean_value = vals["mean_abs_residual"], vals["mean_value"]
         r.bandit_mean_reward = {str(k): v for k, v in e.bandit.mean_rewards().items() if k}

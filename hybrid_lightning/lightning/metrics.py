@@ -83,6 +83,7 @@ class HybridReport:
     divergence_events: int = 0
     skipped_nonfinite_steps: int = 0
     probe_forwards: int = 0
+    dormant_steps: int = 0  # real steps with the dynamics model asleep (no Predict phase for a long time)
     mean_abs_residual: float = float("nan")
     mean_value: float = float("nan")  # q: loss progress per predicted step relative to a real one
     bandit_mean_reward: dict[str, float] = field(default_factory=dict)
@@ -152,6 +153,7 @@ class HybridReport:
             f"mean value q per predicted step: {fmt(self.mean_value)}  (1 = as good as a real step)",
             f"cost ratio predict/full step   : {fmt(self.cost_ratio)}  (measured wall-clock)",
             f"horizon cap at the end         : {self.final_horizon_cap}",
+            f"dormant (monitor-only) steps   : {self.dormant_steps}",
         ]
         return "\n".join(lines)
 

@@ -8,6 +8,9 @@ every ``min_full`` real steps (threshold 0, one horizon arm, no cooldown, explor
 phase is judged by the engine's paired probe; q = (probe loss before - after) / (steps x the real
 loss decrease per step), before the keep/rollback decision: q = 1 means a predicted step was worth
 a real one, 0 nothing, < 0 harm. Reports the median q and its fraction > 0 per third of training.
+Each run also ends with the validation loss, and ``real`` (no prediction) and ``null`` (the same
+steps predicted as "no change") anchor a *lasting* q: how much of a real step's value the predicted
+steps still hold at the end of training (1: as good as real steps; 0: as good as skipping them).
 Output is about value, not time: no timing claims. Last lines: one JSON object per (workload, predictor).
 
 ``--regimes`` (issue 7, item 5) changes the training setup: ``adamw_cosine`` is the workload as tuned
@@ -59,11 +62,14 @@ def regime_spec(spec: dict, regime: str) -> dict:
 
 def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
             regime: str = "adamw_cosine") -> dict:
+    """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss."""
+    real = predictor == "real"
     cfg = HybridConfig(warmup_steps=spec["steps"] // 10, min_full_steps=min_full, max_predict_steps=horizon,
-                       predict_threshold=0.0, predictor=predictor)
+                       predict_threshold=1.0 if real else 0.0, predictor="null" if real else predictor)
     cfg.bandit.arms = [0, horizon]
     cfg.bandit.alpha = 100.0
     cfg.bandit.cooldown_steps = 0
+    cfg.bandit.dormant_after = 0
     cfg.corrector.weight_correction = False  # value of the prediction itself
     cfg.dynamics.nowcaster = nowcaster
     L.seed_everything(0, verbose=False)
@@ -73,9 +79,11 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
         model.configure_optimizers = types.MethodType(_sgd_optimizers, model)
     data = _load(spec["data"])(**spec["data_args"])
     cb = HybridPredictiveTraining(cfg, verbose=False)
-    L.Trainer(max_steps=spec["steps"], accelerator="cpu", devices=1, strategy="hybrid", callbacks=[cb],
-              limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+    quiet = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False)
+    L.Trainer(max_steps=spec["steps"], strategy="hybrid", callbacks=[cb], limit_val_batches=0,
+              num_sanity_val_steps=0, **quiet).fit(model, data)
+    [val] = L.Trainer(limit_val_batches=spec["val_batches"], **quiet).validate(model, data, verbose=False)
     rows = [(r.start_step, r.raw_value) for r in cb.results if r.reason == "probe"]
     n = spec["steps"]
     thirds = {}
@@ -87,23 +95,27 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     return {"phases": len(qs), "median_q": statistics.median(qs) if qs else None,
             "mean_q": statistics.fmean(qs) if qs else None,
             "positive": sum(q > 0 for q in qs) / len(qs) if qs else None,
-            "kept": cb.report.kept_phases, "thirds": thirds}
+            "kept": cb.report.kept_phases, "thirds": thirds, "final_val": float(val["val_loss"]),
+            "predicted_steps": cb.report.backward_skipped}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--predictors", nargs="+", default=["null", "constant_velocity", "rssm", "tail_average", "dmd"],
-                   choices=PREDICTORS)
+    p.add_argument("--predictors", nargs="+", default=["real", "null", "constant_velocity", "rssm", "tail_average",
+                                                       "dmd"], choices=("real", *PREDICTORS))
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--min-full", type=int, default=24)
     p.add_argument("--nowcaster", default="", help="weights for predictor nowcast (default: the shipped ones)")
     p.add_argument("--regimes", nargs="+", default=["adamw_cosine"], choices=REGIMES)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = []
     for w in args.workloads:
         spec = yaml.safe_load((HERE / "workloads" / f"{w}.yaml").read_text())
+        if args.quick:
+            spec.update(spec.pop("quick"))
         for regime in args.regimes:
             for pred in args.predictors:
                 res = {"workload": w, "regime": regime, "predictor": pred,
@@ -114,15 +126,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def f(x: float | None) -> str:
         return "n/a" if x is None else f"{x:+.2f}"
 
+    anchors = {(r["workload"], r["regime"], r["predictor"]): r["final_val"] for r in out}
+    for r in out:
+        real, null = (anchors.get((r["workload"], r["regime"], k)) for k in ("real", "null"))
+        gap = None if real is None or null is None else null - real
+        r["lasting_q"] = None if gap is None or r["predictor"] == "real" else (null - r["final_val"]) / gap
+
     print(f"\nHorizon {args.horizon} predicted steps after every {args.min_full} real steps; q = value of a predicted "
-          "step relative to a real one (paired probe), median over phases.\n")
-    print("| workload | regime | predictor | phases | median q (all) | q>0 | early | mid | late |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "step relative to a real one (paired probe), median over phases. Lasting q = (final val of null - "
+          "final val) / (final val of null - final val of real): the share of a real step's value that is still "
+          "there at the end of training (real: no step predicted; null: the same steps predicted as no change).\n")
+    print("| workload | regime | predictor | phases | median q (all) | q>0 | early | mid | late | final val | "
+          "lasting q |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out:
         t = r["thirds"]
         print(f"| {r['workload']} | {r['regime']} | {r['predictor']} | {r['phases']} | {f(r['median_q'])} | "
               f"{0 if r['positive'] is None else r['positive']:.0%} | {f(t['early']['median_q'])} | "
-              f"{f(t['mid']['median_q'])} | {f(t['late']['median_q'])} |")
+              f"{f(t['mid']['median_q'])} | {f(t['late']['median_q'])} | {r['final_val']:.4f} | "
+              f"{f(r['lasting_q'])} |")
     for r in out:
         print(json.dumps(r))
     return out

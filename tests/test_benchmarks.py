@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks import dynamics_quality, time_to_loss
+import yaml
+
+from benchmarks import dynamics_quality, predictor_value, time_to_loss
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -42,3 +44,30 @@ def test_dynamics_quality_quick_prints_the_summary(tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"loss_r2", "delta_cosine", "correction_gain", "coverage_2sigma", "confidence_query_us"}
     assert last == json.loads(json.dumps(summary))
+
+
+def _quick_mlp() -> dict:
+    spec = yaml.safe_load((time_to_loss.HERE / "workloads" / "mlp.yaml").read_text())
+    spec.update(spec.pop("quick"))
+    return spec
+
+
+def test_regimes_change_only_what_they_name():
+    spec = _quick_mlp()
+    assert predictor_value.regime_spec(spec, "adamw_cosine") == spec
+    flat = predictor_value.regime_spec(spec, "constant_lr")
+    assert flat["model_args"]["final_lr_frac"] == 1.0 and flat["lr"] == spec["lr"]
+    assert predictor_value.regime_spec(spec, "low_lr")["lr"] == spec["lr"] / 10
+    big = predictor_value.regime_spec(spec, "large_batch")
+    assert big["data_args"]["batch_size"] == 4 * spec["data_args"]["batch_size"]
+    assert predictor_value.regime_spec(spec, "sgd")["lr"] == spec["sgd_lr"]
+    assert "final_lr_frac" not in spec["model_args"]  # the workload's own spec is left alone
+
+
+def test_predictor_value_runs_anchor_the_lasting_value(capsys):
+    out = predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "real", "null", "--horizon", "4",
+                                "--min-full", "8", "--regimes", "sgd"])
+    real, null = out
+    assert real["predicted_steps"] == 0 and real["phases"] == 0 and real["lasting_q"] is None
+    assert null["predicted_steps"] > 0 and null["lasting_q"] == 0.0  # the null run anchors 0 by definition
+    assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out

@@ -6,11 +6,19 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hybrid_lightning import HybridConfig
-from hybrid_lightning.core.dynamics import ConstantVelocity
+from hybrid_lightning.config import TrajectoryConfig
+from hybrid_lightning.core.dynamics import ConstantVelocity, make_dynamics
 from hybrid_lightning.core.engine import HybridEngine, StepObservation
+from hybrid_lightning.core.loop import train_steps
+from hybrid_lightning.core.nowcaster import NowcastPredictor
+from hybrid_lightning.core.predictors import DMDPredictor, TailAverage
+from hybrid_lightning.core.state import FEATURE_DIM
+from hybrid_lightning.core.trajectory import Trajectory
 from tests.test_engine import batch, loss_fn
 
 
@@ -52,8 +60,10 @@ def make(dormant_after, seed=0):
     return model, opt, engine, dyn
 
 
-def train(model, opt, engine, start, stop):
-    """Plain real steps through the engine; returns the steps at which the engine was dormant."""
+def train(model, opt, engine, start, stop, smooth=False):
+    """Plain real steps through the engine; returns the steps at which the engine was dormant.
+
+    ``smooth``: report a steadily falling loss instead of the batch loss, so no monitor alarm fires."""
     dormant = []
     for i in range(start, stop):
         plan = engine.plan()
@@ -66,7 +76,8 @@ def train(model, opt, engine, start, stop):
         if engine.dormant:
             dormant.append(i)
         norm = float(grads) if plan.measure_grad_norm else None
-        engine.observe(StepObservation(loss=float(loss.detach()), grad_norm=norm))
+        value = 1.0 / (1 + i) if smooth else float(loss.detach())
+        engine.observe(StepObservation(loss=value, grad_norm=1.0 if smooth and norm is not None else norm))
     return dormant
 
 
@@ -108,16 +119,89 @@ def test_dormant_after_zero_never_sleeps_and_every_stride_is_observed():
     assert len(dyn.observed_at) == 200 // 2 - 1  # the first read only starts the loss-block bookkeeping
 
 
-def test_dormancy_does_not_change_training():
-    sleepy, opt_s, engine_s, _ = make(dormant_after=5)
-    awake, opt_a, engine_a, _ = make(dormant_after=0)
-    assert train(sleepy, opt_s, engine_s, 0, 150)
-    train(awake, opt_a, engine_a, 0, 150)
-    for a, b in zip(sleepy.parameters(), awake.parameters()):
-        assert torch.equal(a, b)
+class _ConfidentAt(ConstantVelocity):
+    """Constant velocity that is confident only on the steps ``when(step)`` allows."""
+
+    def __init__(self, n_layers, rank, when):
+        super().__init__(n_layers, rank)
+        self.engine, self.when = None, when
+
+    def confidence(self):
+        return 1.0 if self.when(self.engine.step) else 0.0
 
 
-@pytest.mark.parametrize("stop", [40, 60])  # asleep, just awake
+def test_a_predicting_engine_sleeps_through_idle_stretches_and_predicts_again_after_waking():
+    cfg = config(dormant_after=20)
+    cfg.predict_threshold = 0.5
+    cfg.bandit.arms, cfg.bandit.alpha, cfg.bandit.cooldown_steps = [0, 6], 100.0, 0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    dyn = _ConfidentAt(4, cfg.trajectory.basis_rank, lambda step: step < 60 or step >= 280)
+    engine = HybridEngine(list(model.parameters()), cfg, dynamics=dyn)
+    dyn.engine = engine
+    res = train_steps(model, loss_fn, opt, (batch(i) for i in range(450)), engine)
+    starts = [i for i, p in enumerate(res.phases) if p == "PREDICT" and res.phases[i - 1] != "PREDICT"]
+    asleep = windows([i for i, r in enumerate(res.reports) if r.dormant])
+    assert any(s < 60 for s in starts) and any(s >= 280 for s in starts)
+    assert asleep and all(60 <= a and b <= 450 for a, b in asleep)
+    for a, b in asleep:  # nothing predicted while asleep, nor before min_full_steps of fresh observations
+        assert not [s for s in starts if a <= s < b + cfg.min_full_steps]
+    assert all(res.phases[i] != "PREDICT" for a, b in asleep for i in range(a, b))
+
+
+def test_predictors_forget_their_history_on_restart():
+    params = [torch.zeros(6, 5), torch.zeros(7)]
+    traj = Trajectory(params, TrajectoryConfig(stride=1))
+    steps = [torch.randn(traj.numel) for _ in range(6)]
+    tail, dmd = TailAverage(2, 1), DMDPredictor(2, 1)
+    now = NowcastPredictor(2, 1)
+    rssm = make_dynamics("rssm", 2, 1, HybridConfig().dynamics, 0)
+    for d in steps:
+        with torch.no_grad():
+            for p, x in zip(params, traj._views(d)):
+                p.add_(x)
+        traj.step_taken()
+        upd = traj.record_real()
+        for pred in (tail, dmd, now):
+            pred.observe_params(traj)
+        rssm.observe(torch.zeros(FEATURE_DIM), 0.0, upd.coeffs)
+    assert tail.predict_displacement(traj, 4) is not None and dmd.predict_displacement(traj, 4) is not None
+    assert len(now._snaps) > 0 and len(rssm._window) > 0
+    for pred in (tail, dmd, now, rssm):
+        pred.restart()
+    assert tail.predict_displacement(traj, 4) is None and dmd.predict_displacement(traj, 4) is None
+    assert len(now._snaps) == 0 and now.confidence() == 0.0 and len(rssm._window) == 0
+    # the nowcaster needs its whole context again: the engine keeps it awake that long
+    assert now.history_steps(8) == (now.context - 1) * 4 * 8 + 8
+
+
+@settings(max_examples=15, deadline=None)
+@given(base=st.integers(1, 24), min_full=st.integers(1, 8), warmup=st.integers(0, 12))
+def test_dormant_schedule_property(base, min_full, warmup):
+    """Asleep first after warmup + min_full + base steps; periods base * 2^k (capped at 32 * base), each
+    followed by min_full + base awake steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = HybridConfig(warmup_steps=warmup, min_full_steps=min_full, max_predict_steps=4, predict_threshold=0.5,
+                       predictor="constant_velocity")
+    cfg.trajectory.stride = 2
+    cfg.bandit.dormant_after = base
+    dyn = _NeverConfident(2, cfg.trajectory.basis_rank)
+    engine = HybridEngine(list(model.parameters()), cfg.validate(), dynamics=dyn)
+    dyn.engine = engine
+    n = 250
+    got = windows(train(model, opt, engine, 0, n, smooth=True))  # no alarm: no cooldown to sleep through
+    start, length, expected = warmup + min_full + base, base, []
+    while start < n:
+        expected.append((start, min(start + length, n)))
+        start += length + min_full + base
+        length = min(2 * length, 32 * base)
+    assert got == expected
+
+
+@pytest.mark.parametrize("stop", [40, 55, 56, 57, 60])  # asleep, last dormant step, waking, just awake
 def test_resume_inside_and_after_a_dormant_period(stop):
     model, opt, engine, dyn = make(dormant_after=20)
     ref = train(model, opt, engine, 0, 200)
@@ -127,18 +211,41 @@ def test_resume_inside_and_after_a_dormant_period(stop):
     torch.save({"m": m1.state_dict(), "o": o1.state_dict(), "e": e1.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    m2, o2, e2, _ = make(dormant_after=20, seed=5)
+    m2, o2, e2, d2 = make(dormant_after=20, seed=5)
     m2.load_state_dict(saved["m"])
     o2.load_state_dict(saved["o"])
     e2.load_state_dict(saved["e"])
     assert train(m2, o2, e2, stop, 200) == [s for s in ref if s >= stop]
-    assert e2.counters == engine.counters
+    assert e2.counters == engine.counters and e2.state_dict()["dormancy"] == engine.state_dict()["dormancy"]
+    assert d2.observed_at == [s for s in dyn.observed_at if s >= stop]
+    assert d2.restarts == [s for s in dyn.restarts if s > stop]
+    torch.testing.assert_close(e2.trajectory.state_dict()["prev"], engine.trajectory.state_dict()["prev"])
 
 
-def test_state_without_dormancy_loads_awake():
-    _, _, engine, _ = make(dormant_after=20)
+def test_resuming_with_dormancy_switched_off_wakes_at_once():
+    model, opt, engine, dyn = make(dormant_after=20)
+    train(model, opt, engine, 0, 40)
+    assert engine.dormant
+    sd = engine.state_dict()
+    m2, o2, e2, d2 = make(dormant_after=0)
+    m2.load_state_dict(model.state_dict())
+    o2.load_state_dict(opt.state_dict())
+    e2.load_state_dict(sd)
+    assert train(m2, o2, e2, 40, 41) == [40]  # the step it resumes on was planned asleep
+    assert d2.restarts == [41] and not e2.dormant
+    assert train(m2, o2, e2, 41, 200) == []
+
+
+def test_state_without_dormancy_loads_awake_from_its_step():
+    model, opt, engine, _ = make(dormant_after=20)
+    train(model, opt, engine, 0, 40)
+    assert engine.dormant
     sd = engine.state_dict()
     del sd["dormancy"]  # written by a version before dormancy existed
-    _, _, fresh, _ = make(dormant_after=20)
+    m2, o2, fresh, _ = make(dormant_after=20)
+    m2.load_state_dict(model.state_dict())
+    o2.load_state_dict(opt.state_dict())
     fresh.load_state_dict(sd)
     assert not fresh.dormant
+    # awake for min_full + dormant_after steps from the step it resumed at, then asleep
+    assert windows(train(m2, o2, fresh, 40, 100))[0][0] == 40 + 6 + 20

@@ -109,6 +109,7 @@ class StepReport:
     next_phase: Phase
     events: list[HybridTrainingError] = field(default_factory=list)
     phase_result: PhaseResult | None = None
+    dormant: bool = False  # the engine was dormant during this step (monitor only)
 
     @property
     def rolled_back(self) -> bool:
@@ -145,7 +146,7 @@ class HybridEngine:
         self._horizon_cap = min((a for a in cfg.horizons if a > 0), default=0)
         self._cooldown_until = 0
         self._cooldown_len = cfg.bandit.cooldown_steps
-        # dormancy: after dormant_after real steps without a Predict phase, stop observing for a doubling period
+        # dormancy: min_full_steps + dormant_after real steps without a Predict phase -> stop observing for a while
         self._awake_since = cfg.warmup_steps
         self._dormant_until = 0
         self._dormant_len = cfg.bandit.dormant_after
@@ -256,6 +257,7 @@ class HybridEngine:
         report = StepReport(self.step, plan.phase, plan.phase, phase_result=self._unreported)
         self._unreported = None
         ps = self.phase_state
+        report.dormant = self.dormant
         if plan.phase is Phase.PREDICT:
             div = self._observe_predicted(plan, obs)
         else:
@@ -274,7 +276,8 @@ class HybridEngine:
         else:
             if alarm or div.action is RecoveryAction.REDUCE_HORIZON:
                 self._shrink_horizon()
-            self._update_dormancy(ps.phase)
+            if self._update_dormancy(ps.phase):
+                ps = PhaseState(Phase.FULL)  # just woke: min_full_steps of fresh observations before predicting
             self.phase_state = self._next_after_real(ps, alarm)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
@@ -332,13 +335,13 @@ class HybridEngine:
             self._block_loss, self._block_count = 0.0, 0
         return div
 
-    def _update_dormancy(self, phase: Phase) -> None:
-        """Fall asleep after ``min_full_steps + dormant_after`` real steps without a Predict phase; wake when
-        the period (``dormant_after``, doubling up to 32x until a phase pays) ends."""
+    def _update_dormancy(self, phase: Phase) -> bool:
+        """Fall asleep after ``min_full_steps + dormant_after`` real steps (plus the predictor's own history,
+        if it needs one) without a Predict phase; wake when the period (``dormant_after``, doubling up to
+        32x until a phase pays) ends. -> True when the engine just woke."""
         base = self.config.bandit.dormant_after
-        if base <= 0 or not self.prediction_enabled:
-            return
-        if self._dormant_until and self.step >= self._dormant_until:
+        enabled = base > 0 and self.prediction_enabled  # a resumed run may have switched either off
+        if self._dormant_until and (self.step >= self._dormant_until or not enabled):
             # wake: the parameters moved while nobody looked; observe afresh from here
             self._dormant_until = 0
             self._awake_since = self.step
@@ -348,12 +351,17 @@ class HybridEngine:
             restart = getattr(self.dynamics, "restart", None)
             if callable(restart):
                 restart()
-            return
-        idle = self.step - self._awake_since
-        if not self.dormant and phase is Phase.FULL and idle >= self.limits.min_full_steps + base:
-            self._dormant_until = self.step + self._dormant_len
+            return True
+        if not enabled or self.dormant or phase is not Phase.FULL:
+            return False
+        history = getattr(self.dynamics, "history_steps", None)
+        needs = self.limits.min_full_steps + base + (history(self.config.trajectory.stride) if callable(history) else 0)
+        if self.step - self._awake_since >= needs:
+            # no Predict phase can start during a bandit cooldown either: sleep through it
+            self._dormant_until = max(self.step + self._dormant_len, self._cooldown_until)
             self._dormant_len = min(2 * self._dormant_len, 32 * base)
             self.counters["dormant_periods"] += 1
+        return False
 
     def _next_after_real(self, ps: PhaseState, alarm: bool) -> PhaseState:
         horizon = 0
@@ -537,8 +545,10 @@ class HybridEngine:
         self._block_loss, self._block_count, self._last_block_loss = sd["block"]
         self._horizon_cap = int(sd["horizon_cap"])
         self._cooldown_until, self._cooldown_len = (int(x) for x in sd["cooldown"])
-        # absent from states written before dormancy existed: awake, as a fresh engine would be
-        default = [self.config.warmup_steps, 0, self.config.bandit.dormant_after]
-        self._awake_since, self._dormant_until, self._dormant_len = (int(x) for x in sd.get("dormancy", default))
+        # absent from states written before dormancy existed: awake from here on
+        base = self.config.bandit.dormant_after
+        self._awake_since, self._dormant_until, self._dormant_len = (
+            int(x) for x in sd.get("dormancy", [self.step, 0, base]))
+        self._dormant_len = max(self._dormant_len, base)  # dormant_after may have been raised since
         self.counters.update({k: int(v) for k, v in sd["counters"].items()})
         self._plan = None

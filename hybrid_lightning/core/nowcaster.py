@@ -169,7 +169,14 @@ class NowcastPredictor(_ParameterPredictor):
         self._calls += 1
 
     def restart(self) -> None:
-        self._restart = True  # the context needs equally spaced snapshots
+        """After unobserved steps: drop the context now (it needs equally spaced snapshots)."""
+        self._snaps.clear()
+        self._calls = self._since = 0
+        self._restart = False
+
+    def history_steps(self, stride: int) -> int:
+        """Real steps after a restart before a full context makes the nowcaster confident again."""
+        return ((self.context - 1) * self._observations_per_snapshot(stride) + 1) * stride
 
     def _observations_per_snapshot(self, stride: int) -> int:
         return max(1, round(self.spacing / stride))

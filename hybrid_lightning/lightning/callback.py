@@ -301,7 +301,7 @@ class HybridPredictiveTraining(Callback):
             "hybrid/backward_skip_ratio": self._skip_ratio(),
             "hybrid/rollbacks": float(self.engine.counters["rollbacks"]),
             "hybrid/horizon_cap": float(self.engine.horizon_cap),
-            "hybrid/dormant": float(self.engine.dormant),
+            "hybrid/dormant": float(report.dormant),
         }
         if loss is not None:
             values["hybrid/actual_loss"] = loss

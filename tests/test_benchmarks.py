@@ -69,5 +69,16 @@ def test_predictor_value_runs_anchor_the_lasting_value(capsys):
                                 "--min-full", "8", "--regimes", "sgd"])
     real, null = out
     assert real["predicted_steps"] == 0 and real["phases"] == 0 and real["lasting_q"] is None
-    assert null["predicted_steps"] > 0 and null["lasting_q"] == 0.0  # the null run anchors 0 by definition
+    assert null["predicted_steps"] > 0 and null["phases"] > 0
     assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out
+
+
+def test_lasting_q_scales_the_null_runs_loss_to_the_runs_share_of_predicted_steps():
+    def run(pred, predicted, final):
+        return {"workload": "w", "regime": "r", "predictor": pred, "predicted_steps": predicted, "steps": 100,
+                "final_val": final}
+
+    out = [run("real", 0, 1.0), run("null", 40, 2.0), run("half", 20, 1.25), run("tiny", 2, 1.0),
+           run("worse", 40, 2.5)]
+    predictor_value.lasting_q(out)
+    assert [r["lasting_q"] for r in out] == [None, 0.0, 0.5, None, -0.5]

@@ -33,17 +33,17 @@ import yaml
 from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 from hybrid_lightning.config import PREDICTORS
-from hybrid_lightning.examples.common import configure_adamw
+from hybrid_lightning.examples.common import WarmupCosine, resolve_total_steps
 
 REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd")
 
 
 def _sgd_optimizers(self):  # replaces configure_optimizers for the ``sgd`` regime
     hp = self.hparams
-    out = configure_adamw(self, hp.lr, 0.0, hp.warmup_frac, hp.final_lr_frac, hp.total_steps)
     sgd = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(sgd, out["lr_scheduler"]["scheduler"].lr_lambdas[0])
-    return {"optimizer": sgd, "lr_scheduler": {**out["lr_scheduler"], "scheduler": sched}}
+    schedule = WarmupCosine(resolve_total_steps(self, hp.total_steps), hp.warmup_frac, hp.final_lr_frac)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, schedule)
+    return {"optimizer": sgd, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
 def regime_spec(spec: dict, regime: str) -> dict:

@@ -335,6 +335,12 @@ class HybridEngine:
             self._block_loss, self._block_count = 0.0, 0
         return div
 
+    def _resync(self) -> None:
+        """The parameters moved other than by observed real steps: observe afresh from here."""
+        self.trajectory.sync()
+        self._last_block_loss = None
+        self._block_loss, self._block_count = 0.0, 0
+
     def _update_dormancy(self, phase: Phase) -> bool:
         """Fall asleep after ``min_full_steps + dormant_after`` real steps (plus the predictor's own history,
         if it needs one) without a Predict phase; wake when the period (``dormant_after``, doubling up to
@@ -345,9 +351,7 @@ class HybridEngine:
             # wake: the parameters moved while nobody looked; observe afresh from here
             self._dormant_until = 0
             self._awake_since = self.step
-            self.trajectory.sync()
-            self._last_block_loss = None
-            self._block_loss, self._block_count = 0.0, 0
+            self._resync()
             restart = getattr(self.dynamics, "restart", None)
             if callable(restart):
                 restart()
@@ -421,9 +425,7 @@ class HybridEngine:
         else:
             self.trajectory.rollback()
             self.counters["rollbacks"] += 1
-        self.trajectory.sync()
-        self._last_block_loss = None
-        self._block_loss, self._block_count = 0.0, 0
+        self._resync()
 
         scale = self.state.loss_scale
         if math.isfinite(residual):

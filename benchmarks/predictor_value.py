@@ -61,8 +61,9 @@ def regime_spec(spec: dict, regime: str) -> dict:
 
 
 def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
-            regime: str = "adamw_cosine") -> dict:
-    """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss."""
+            regime: str = "adamw_cosine", seed: int = 0) -> dict:
+    """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss.
+    ``seed`` sets the model's initialization and the data order."""
     real = predictor == "real"
     cfg = HybridConfig(warmup_steps=spec["steps"] // 10, min_full_steps=min_full, max_predict_steps=horizon,
                        predict_threshold=1.0 if real else 0.0, predictor="null" if real else predictor)
@@ -72,12 +73,12 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     cfg.bandit.dormant_after = 0
     cfg.corrector.weight_correction = False  # value of the prediction itself
     cfg.dynamics.nowcaster = nowcaster
-    L.seed_everything(0, verbose=False)
+    L.seed_everything(seed, verbose=False)
     spec = regime_spec(spec, regime)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
     if regime == "sgd":
         model.configure_optimizers = types.MethodType(_sgd_optimizers, model)
-    data = _load(spec["data"])(**spec["data_args"])
+    data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
     cb = HybridPredictiveTraining(cfg, verbose=False)
     quiet = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                  enable_model_summary=False)
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--min-full", type=int, default=24)
     p.add_argument("--nowcaster", default="", help="weights for predictor nowcast (default: the shipped ones)")
     p.add_argument("--regimes", nargs="+", default=["adamw_cosine"], choices=REGIMES)
+    p.add_argument("--seed", type=int, default=0, help="init and data-order seed of every run")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             spec.update(spec.pop("quick"))
         for regime in args.regimes:
             for pred in args.predictors:
-                res = {"workload": w, "regime": regime, "predictor": pred,
-                       **measure(spec, pred, args.horizon, args.min_full, args.nowcaster, regime)}
+                res = {"workload": w, "regime": regime, "predictor": pred, "seed": args.seed,
+                       **measure(spec, pred, args.horizon, args.min_full, args.nowcaster, regime, args.seed)}
                 out.append(res)
                 print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 

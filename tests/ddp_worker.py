@@ -79,6 +79,22 @@ class NanAtPhaseEnd(L.Callback):
             self.step = trainer.global_step
 
 
+class NanOnRealStep(L.Callback):
+    """On rank 1 only, poison the batch of the first real step at or after --nan-real-at that is not an
+    observation step (so only the loss, not the gradient norm, can tell that it is bad)."""
+
+    def __init__(self, cb, at):
+        self.cb, self.at, self.done = cb, at, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        plan = self.cb.engine.plan()
+        pl_module.inject_nan = (not self.done and trainer.global_step >= self.at and plan.runs_backward
+                                and not plan.measure_grad_norm)
+        if pl_module.inject_nan:
+            self.done = True
+            self.step = trainer.global_step
+
+
 class Events(L.Callback):
     """Records judged Predict phases; at the end of fit (inside each worker, whatever the launcher) every rank
     writes <out>/rank<r>.pt."""
@@ -114,6 +130,7 @@ def main():
     p.add_argument("--batchnorm", type=int, default=0)
     p.add_argument("--unused", type=int, default=0)
     p.add_argument("--nan-after", type=int, default=-1)
+    p.add_argument("--nan-real-at", type=int, default=-1)
     p.add_argument("--ckpt-dir", default="")
     p.add_argument("--resume", default="")
     p.add_argument("--nowcast", type=int, default=0, help="the shipped nowcaster instead of constant velocity")
@@ -126,6 +143,8 @@ def main():
     model = DDPModel(batchnorm=bool(args.batchnorm), unused=bool(args.unused))
     cb = HybridPredictiveTraining(nowcast_config() if args.nowcast else eager_config(), verbose=False)
     nan = NanAtPhaseEnd(cb, args.nan_after) if args.nan_after >= 0 else None
+    if args.nan_real_at >= 0:
+        nan = NanOnRealStep(cb, args.nan_real_at)
     callbacks = ([nan] if nan else []) + [cb, Events(cb, args.out, nan)]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1, save_top_k=-1,

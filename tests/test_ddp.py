@@ -59,6 +59,16 @@ def test_nan_on_one_rank_rolls_back_both(tmp_path):
     assert all(torch.isfinite(v).all() for v in a["params"].values())
 
 
+def test_nan_loss_on_one_rank_skips_the_update_on_both(tmp_path):
+    # between observation steps only the loss can tell; rank 1's NaN reaches every rank's gradients
+    # through the all-reduce, so every rank must skip, not just the one that saw it
+    a, b = run_ddp(tmp_path, "--nan-real-at", "3")
+    assert_ranks_identical(a, b)
+    assert a["nan_step"] is not None and a["nan_step"] == b["nan_step"]
+    assert a["counters"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in a["params"].values())
+
+
 def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
     ckpts = tmp_path / "ckpts"
     a, b = run_ddp(tmp_path / "ref", "--ckpt-dir", str(ckpts))

@@ -65,7 +65,7 @@ class Spy(Callback):
         self.rows.append({"step": trainer.global_step, "batch_idx": batch_idx,
                           "backward": self.backward_calls - self._bwd_before,
                           "opt": self.opt_calls - self._opt_before, "plan_open": plan is not None,
-                          "phase": phase})
+                          "phase": phase, "loss": outputs["loss"].detach().clone()})
 
 
 def fit(config=None, max_steps=120, model=None, extra=(), **kw):
@@ -108,6 +108,12 @@ def test_gradient_accumulation_keeps_windows_whole_and_clipping_works():
         assert first["plan_open"] and not second["plan_open"]
     assert spy.opt_calls == sum(cb.report.steps[p] for p in ("WARMUP", "FULL", "CORRECT"))
     assert spy.backward_calls == 2 * spy.opt_calls  # one backward per micro-batch on real steps only
+    # the engine observes each real step's loss: the sum of its micro-batches' (normalized) losses
+    observed = {step: loss for step, loss, _ in cb._curve.points}
+    real = [(first["step"], float(first["loss"] + second["loss"])) for first, second in zip(rows[0::2], rows[1::2])
+            if first["phase"] is not Phase.PREDICT]
+    assert len(real) == spy.opt_calls
+    assert all(observed[step] == pytest.approx(loss, rel=1e-6) for step, loss in real)
 
 
 def test_bf16_mixed_precision():

@@ -212,24 +212,36 @@ class HybridPredictiveTraining(Callback):
         plan = self.engine.plan()
         trainer.strategy.hybrid_plan = plan  # type: ignore[attr-defined]
         self._open = {"plan": plan, "global_step": trainer.global_step, "t0": time.perf_counter(),
-                      "loss": None, "grad_norm": None, "skipped": False}
+                      "loss": None, "loss_value": None, "grad_norm": None, "skipped": False}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        strategy = trainer.strategy
+        taken = strategy.hybrid_take_loss()  # type: ignore[attr-defined]
         step = self._open
         if step is None:
             return
-        strategy = trainer.strategy
-        loss_finite, strategy.hybrid_loss_finite = strategy.hybrid_loss_finite, None  # type: ignore[attr-defined]
-        if step["plan"].measure_grad_norm:
+        # One host transfer per real step, and no other: the loss for the engine, whether this update may
+        # reach the weights, and on observation steps the gradient norm. Under DDP the loss and the count of
+        # non-finite losses are summed over processes, so every process skips (or not) the same update.
+        parts = []
+        if taken is not None:
+            parts.append(strategy.reduce(taken, reduce_op="sum"))
+        measure = step["plan"].measure_grad_norm
+        if measure:
             # one read pass over the gradients, on observation steps only
             grads = [p.grad for p in self._params if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())) if grads else 0.0
-            finite = math.isfinite(norm)
-            if finite:
-                step["grad_norm"] = norm
-        else:
-            # between observations, a non-finite loss (NaN inputs, Inf loss) is the signal: a scalar check
-            finite = loss_finite is None or bool(loss_finite)
+            norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads
+                    else torch.zeros((), device=strategy.root_device))
+            parts.append(norm.reshape(1).to(parts[0].device) if parts else norm.reshape(1))
+        values = torch.cat(parts).tolist() if parts else []
+        finite = True
+        if taken is not None:
+            step["loss_value"] = values[0] / trainer.world_size
+            finite = values[1] == 0
+        if measure:
+            finite = finite and math.isfinite(values[-1])
+            if math.isfinite(values[-1]):
+                step["grad_norm"] = values[-1]
         if finite:
             return
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
@@ -256,8 +268,8 @@ class HybridPredictiveTraining(Callback):
             return  # accumulating: the optimizer step is not complete yet
         assert self.engine is not None
         strategy = trainer.strategy
-        value = None
-        if step["loss"] is not None:
+        value = step["loss_value"]  # real steps: read with the finiteness check, before the optimizer step
+        if value is None and step["loss"] is not None:
             value = float(strategy.reduce(step["loss"].clone(), reduce_op="mean"))
         obs = StepObservation(loss=value, grad_norm=step["grad_norm"] if plan.measure_grad_norm else None,
                               skipped=step["skipped"])
@@ -270,8 +282,11 @@ class HybridPredictiveTraining(Callback):
                 _adjust_optimizer_state(trainer.optimizers[0], self.config.after_jump)
         strategy.hybrid_plan = None  # type: ignore[attr-defined]
         self._open = None
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
+        if strategy.root_device.type == "cuda" and (report.phase_result is not None or
+                                                     report.next_phase is not report.phase):
+            # Time per phase needs the device's queue drained only where the phase changes: within a run
+            # of same-phase steps, work still queued at one step's end is counted in the next one's.
+            torch.cuda.synchronize(strategy.root_device)
         self._account(report, time.perf_counter() - step["t0"], value)
         self._log(trainer, pl_module, report, value)
 

@@ -71,16 +71,24 @@ class HybridStrategyMixin:
         with torch.no_grad():
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
-    # AND of isfinite(loss) over the micro-batches of the current optimizer step (a tensor: no device sync)
-    hybrid_loss_finite: Tensor | None = None
+    # Over the micro-batches of the current optimizer step, as tensors (no device sync): the sum of the
+    # (accumulation-normalized) losses and the count of non-finite ones. The callback reads both, with the
+    # gradient norm when it needs one, in a single transfer before the optimizer step.
+    hybrid_loss_stats: Tensor | None = None  # [loss sum, non-finite count]
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self._predicting():
             return closure_loss
-        finite = torch.isfinite(closure_loss.detach()).all()
-        prev = self.hybrid_loss_finite
-        self.hybrid_loss_finite = finite if prev is None else prev & finite
+        loss = closure_loss.detach().float().sum()
+        stats = torch.stack([loss, (~torch.isfinite(loss)).float()])
+        prev = self.hybrid_loss_stats
+        self.hybrid_loss_stats = stats if prev is None else prev + stats
         return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+
+    def hybrid_take_loss(self) -> Tensor | None:
+        """-> [loss sum, non-finite count] over this optimizer step's backward passes (None: none ran); resets."""
+        stats, self.hybrid_loss_stats = self.hybrid_loss_stats, None
+        return stats
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if not self._predicting():

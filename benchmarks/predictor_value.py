@@ -1,7 +1,7 @@
 """What is a predicted step worth? q per Predict phase, for each predictor, over a whole training run.
 
     python -m benchmarks.predictor_value [--workloads mlp cnn char_gpt] [--predictors ...] [--horizon 16]
-        [--regimes adamw_cosine constant_lr low_lr large_batch sgd]
+        [--regimes adamw_cosine constant_lr low_lr large_batch sgd] [--seed 0] [--line-search 0.5 1 2 4]
 
 For each workload and predictor, one run with the plugin forced to predict for ``horizon`` steps after
 every ``min_full`` real steps (threshold 0, one horizon arm, no cooldown, exploration always on). Each
@@ -61,7 +61,7 @@ def regime_spec(spec: dict, regime: str) -> dict:
 
 
 def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
-            regime: str = "adamw_cosine", seed: int = 0) -> dict:
+            regime: str = "adamw_cosine", seed: int = 0, line_search: list[float] | None = None) -> dict:
     """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss.
     ``seed`` sets the model's initialization and the data order."""
     real = predictor == "real"
@@ -73,6 +73,8 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     cfg.bandit.dormant_after = 0
     cfg.corrector.weight_correction = False  # value of the prediction itself
     cfg.dynamics.nowcaster = nowcaster
+    if predictor not in ("real", "null"):  # the null control must stay a null control
+        cfg.line_search = line_search
     L.seed_everything(seed, verbose=False)
     spec = regime_spec(spec, regime)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
@@ -86,6 +88,7 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
               num_sanity_val_steps=0, **quiet).fit(model, data)
     [val] = L.Trainer(limit_val_batches=spec["val_batches"], **quiet).validate(model, data, verbose=False)
     rows = [(r.start_step, r.raw_value) for r in cb.results if r.reason == "probe"]
+    lengths = [r.step_length for r in cb.results if r.reason == "probe"]
     n = spec["steps"]
     thirds = {}
     for name, lo, hi in (("early", 0, n / 3), ("mid", n / 3, 2 * n / 3), ("late", 2 * n / 3, n)):
@@ -97,7 +100,9 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
             "mean_q": statistics.fmean(qs) if qs else None,
             "positive": sum(q > 0 for q in qs) / len(qs) if qs else None,
             "kept": cb.report.kept_phases, "thirds": thirds, "final_val": float(val["val_loss"]),
-            "predicted_steps": cb.report.backward_skipped, "steps": n}
+            "predicted_steps": cb.report.backward_skipped, "steps": n,
+            "refused": sum(r.reason == "line_search" for r in cb.results),
+            "median_step_length": statistics.median(lengths) if lengths else None}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--nowcaster", default="", help="weights for predictor nowcast (default: the shipped ones)")
     p.add_argument("--regimes", nargs="+", default=["adamw_cosine"], choices=REGIMES)
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed of every run")
+    p.add_argument("--line-search", type=float, nargs="+", default=None,
+                   help="config line_search for every predictor but real and null (issue 7 item 1)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for regime in args.regimes:
             for pred in args.predictors:
                 res = {"workload": w, "regime": regime, "predictor": pred, "seed": args.seed,
-                       **measure(spec, pred, args.horizon, args.min_full, args.nowcaster, regime, args.seed)}
+                       **measure(spec, pred, args.horizon, args.min_full, args.nowcaster, regime, args.seed,
+                                 args.line_search)}
                 out.append(res)
                 print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 
@@ -162,15 +170,22 @@ def report(out: list[dict], horizon: int, min_full: int) -> None:
           "real (nothing predicted) and null (predicted steps change nothing) runs, scaled to its share of "
           "predicted steps (n/a below 5%). One seed: treat |differences| below ~0.3 as noise.\n")
     print("| workload | regime | predictor | phases | median q (all) | q>0 | early | mid | late | predicted | "
-          "final val | lasting q |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "final val | lasting q | refused / step length |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out:
         t = r["thirds"]
         print(f"| {r['workload']} | {r['regime']} | {r['predictor']} | {r['phases']} | {f(r['median_q'])} | "
               f"{0 if r['positive'] is None else r['positive']:.0%} | {f(t['early']['median_q'])} | "
               f"{f(t['mid']['median_q'])} | {f(t['late']['median_q'])} | {r['predicted_steps'] / r['steps']:.0%} | "
               f"{r['final_val']:.4f} | "
-              f"{f(r['lasting_q'])} |")
+              f"{f(r['lasting_q'])} | {_line_search_cell(r)} |")
+
+
+def _line_search_cell(r: dict) -> str:
+    if not r.get("refused") and r.get("median_step_length") in (None, 1.0):
+        return "-"
+    length = r["median_step_length"]
+    return f"{r['refused']} / {'n/a' if length is None else f'{length:g}'}"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hybrid_lightning.errors import ConfigError
 
 PREDICTORS = ("rssm", "constant_velocity", "dmd", "tail_average", "nowcast", "null")
+PARAMETER_PREDICTORS = ("dmd", "tail_average", "nowcast", "null")  # predict a displacement of the parameters
 ON_NONFINITE = ("skip", "raise")
 AFTER_JUMP = ("keep", "zero_momentum", "reset")
 
@@ -98,6 +99,7 @@ class HybridConfig:
     predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "nowcast", "null"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
     after_jump: str = "keep"  # optimizer state after a kept Predict phase: "keep", "zero_momentum", or "reset"
+    line_search: list[float] | None = None  # step lengths x the displacement, one probe each; none beats 0: no phase
     seed: int = 0  # seeds the dynamics model (initial weights, latent samples)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
@@ -166,6 +168,15 @@ class HybridConfig:
         c.choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         c.choice("after_jump", self.after_jump, AFTER_JUMP)
         c.int_range("seed", self.seed, 0, 2**63 - 1)
+        if self.line_search is not None:
+            if not self.line_search:
+                problems.append("line_search = [] tries no step length: give at least one, or None to switch it off")
+            for i, a in enumerate(self.line_search):
+                c.float_range(f"line_search[{i}]", a, 0.0, 100.0, lo_open=True)
+            if self.predictor not in PARAMETER_PREDICTORS:
+                names = ", ".join(map(repr, PARAMETER_PREDICTORS))
+                problems.append(f"line_search scales a predicted displacement of the parameters; predictor "
+                                f"{self.predictor!r} has none (use one of {names})")
 
         t = self.trajectory
         c.int_range("trajectory.basis_rank", t.basis_rank, 1, 16)

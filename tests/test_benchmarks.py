@@ -65,11 +65,13 @@ def test_regimes_change_only_what_they_name():
 
 
 def test_predictor_value_runs_anchor_the_lasting_value(capsys):
-    out = predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "real", "null", "--horizon", "4",
-                                "--min-full", "8", "--regimes", "sgd"])
-    real, null = out
+    out = predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "real", "null", "tail_average", "--horizon",
+                                "4", "--min-full", "8", "--regimes", "sgd", "--line-search", "0.5", "2"])
+    real, null, tail = out
     assert real["predicted_steps"] == 0 and real["phases"] == 0 and real["lasting_q"] is None
     assert null["predicted_steps"] > 0 and null["phases"] > 0
+    assert null["refused"] == 0 and null["median_step_length"] == 1.0  # the control is never line-searched
+    assert tail["refused"] + tail["phases"] > 0 and tail["median_step_length"] in (None, 0.5, 2.0)
     assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out
 
 

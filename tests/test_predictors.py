@@ -3,12 +3,15 @@ from __future__ import annotations
 import io
 
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from hybrid_lightning import HybridConfig
 from hybrid_lightning.config import TrajectoryConfig
 from hybrid_lightning.core.dynamics import ParameterDynamics, make_dynamics
 from hybrid_lightning.core.engine import HybridEngine, StepObservation
+from hybrid_lightning.core.phases import Phase
 from hybrid_lightning.core.predictors import DMDPredictor, NullPredictor, TailAverage
 from hybrid_lightning.core.trajectory import Trajectory
 
@@ -99,3 +102,92 @@ def test_engine_applies_a_displacement_in_equal_parts_and_resumes_exactly():
 def test_make_dynamics_knows_the_research_predictors():
     for name, cls in (("null", NullPredictor), ("tail_average", TailAverage), ("dmd", DMDPredictor)):
         assert isinstance(make_dynamics(name, 3, 1, HybridConfig().dynamics, 0), cls)
+
+
+class _TowardTarget(NullPredictor):
+    """Predicts ``fraction`` of the way from the current parameters to ``target`` (negative: away from it)."""
+
+    def __init__(self, target: torch.Tensor, fraction: float) -> None:
+        super().__init__(1, 1)
+        self.target, self.fraction = target, fraction
+
+    def predict_displacement(self, trajectory, steps):
+        return self.fraction * (self.target - trajectory.current)
+
+
+def _quadratic_run(fraction: float, line_search: list[float], steps: int = 12):
+    """SGD on ||w - target||^2 with one forced Predict phase; -> (engine, results, w before the phase)."""
+    w = nn.Parameter(torch.zeros(5))
+    target = torch.linspace(1.0, 2.0, 5)
+    cfg = HybridConfig(warmup_steps=3, min_full_steps=2, max_predict_steps=4, predict_threshold=0.0,
+                       predictor="null", line_search=line_search)
+    cfg.trajectory.stride = 1
+    cfg.bandit.arms = [0, 4]
+    cfg.bandit.alpha = 100.0
+    cfg.corrector.weight_correction = False
+    engine = HybridEngine([w], cfg, dynamics=_TowardTarget(target, fraction))
+    opt = torch.optim.SGD([w], lr=0.05)
+
+    def probe():
+        with torch.no_grad():
+            return float(((w - target) ** 2).sum())
+
+    results, before = [], None
+    for _ in range(steps):
+        plan = engine.plan()
+        if plan.runs_backward:
+            opt.zero_grad()
+            loss = ((w - target) ** 2).sum()
+            loss.backward()
+            opt.step()
+            report = engine.observe(StepObservation(loss=float(loss)), probe)
+        else:
+            if before is None:
+                before = engine.trajectory._snapshot.clone()
+            engine.apply(plan)
+            report = engine.observe(StepObservation(), probe)
+        if report.phase_result is not None:
+            results.append((report.phase_result, w.detach().clone(), report.next_phase))
+            if before is None:
+                before = w.detach().clone()
+            break
+    return engine, results, before, target
+
+
+def test_line_search_scales_the_displacement_to_the_best_step_length():
+    # the predictor goes half way to the minimum of a quadratic: twice its displacement lands on it
+    engine, results, before, target = _quadratic_run(0.5, [0.5, 1.0, 2.0, 4.0])
+    [(result, after, _)] = results
+    assert result.kept and result.reason == "probe" and result.step_length == 2.0
+    assert result.steps == 4 and engine.counters["predicted_steps"] == 4
+    torch.testing.assert_close(after, target)
+    assert not torch.equal(before, target)
+
+
+def test_line_search_refuses_a_phase_no_step_length_improves_and_leaves_the_weights_exact():
+    engine, results, before, _ = _quadratic_run(-0.5, [0.5, 1.0, 2.0])  # every step length moves away
+    [(result, after, next_phase)] = results
+    assert not result.kept and result.reason == "line_search" and result.step_length == 0.0
+    assert result.steps == 0 and engine.counters["predicted_steps"] == 0
+    assert next_phase is Phase.CORRECT and engine.counters["rollbacks"] == 1
+    assert engine.counters["probe_forwards"] == 4  # not moving, then each step length
+    assert torch.equal(after, before)  # the trial steps were undone bit for bit
+
+
+@given(fraction=st.floats(-1.5, 2.5, allow_nan=False),
+       lengths=st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.0, 4.0]), min_size=1, max_size=4, unique=True))
+def test_line_search_picks_the_first_strict_minimum_and_a_refusal_changes_nothing(fraction, lengths):
+    engine, results, before, target = _quadratic_run(fraction, lengths)
+    [(result, after, _)] = results
+    disp = fraction * (target - before)
+    best_len, best = 0.0, float(((before - target) ** 2).sum())
+    for a in lengths:
+        loss = float(((before + a * disp - target) ** 2).sum())
+        if loss < best:
+            best_len, best = a, loss
+    assert result.step_length == best_len
+    if best_len == 0.0:
+        assert result.reason == "line_search" and torch.equal(after, before)
+    else:
+        assert result.reason == "probe" and result.kept
+        torch.testing.assert_close(after, before + best_len * disp)

@@ -94,6 +94,7 @@ class PhaseResult:
     correction_loss: float = float("nan")  # probe loss with the proposed weight correction (nan: none tried)
     loss_uncorrected: float = float("nan")  # probe loss after the phase, before any correction
     progress_rate: float = float("nan")  # loss decrease per real step when the phase was judged
+    step_length: float = 1.0  # multiple of the predicted displacement applied (line_search; 0: refused)
 
     @property
     def raw_value(self) -> float:
@@ -220,6 +221,35 @@ class HybridEngine:
         self.counters["phases"] += 1
         self._awake_since = self.step
 
+    def _begin_with_line_search(self, probe: Probe) -> PhaseResult | None:
+        """Start the Predict phase now, with the predicted displacement scaled by the step length of
+        ``config.line_search`` whose probe loss (on this real step's batch) is lowest. If none is lower
+        than not moving, refuse the phase before it takes a step: -> its result, and Correct follows."""
+        self._begin_predict()
+        start, disp, traj = self._phase_start, self._displacement, self.trajectory
+        assert start is not None and self.config.line_search is not None
+        if disp is None:
+            return None  # nothing predicted yet: the phase runs its zero steps and is judged as usual
+        best_len, best = 0.0, float(probe())
+        for a in self.config.line_search:
+            traj.apply(traj.delta_from_flat(disp, a))
+            try:
+                loss = float(probe())
+            finally:
+                traj.restore_snapshot()
+            if loss < best:  # NaN never wins
+                best_len, best = a, loss
+        n = 1 + len(self.config.line_search)
+        start["forwards"] += n
+        self.counters["probe_forwards"] += n
+        start["step_length"] = best_len
+        if best_len == 0.0:
+            result = self._finish_phase(None, forced_reason="line_search")
+            self.phase_state = PhaseState(Phase.CORRECT)
+            return result
+        disp.mul_(best_len)
+        return None
+
     def _plan_predicted_step(self) -> StepPlan:
         pred = self._prediction
         assert pred is not None and self._phase_start is not None
@@ -279,6 +309,9 @@ class HybridEngine:
             if self._update_dormancy(ps.phase):
                 ps = PhaseState(Phase.FULL)  # just woke: min_full_steps of fresh observations before predicting
             self.phase_state = self._next_after_real(ps, alarm)
+            if (self.phase_state.phase is Phase.PREDICT and self.config.line_search and probe is not None
+                    and isinstance(self.dynamics, ParameterDynamics)):
+                report.phase_result = self._begin_with_line_search(probe)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
         return report
@@ -448,7 +481,8 @@ class HybridEngine:
             self._shrink_horizon()
         self._prediction, self._phase_start, self._displacement = None, None, None
         result = PhaseResult(start["step"], start["horizon"], steps, before, after, predicted_change, residual,
-                             value, reward, kept, corrected, reason, correction_loss, uncorrected, rate)
+                             value, reward, kept, corrected, reason, correction_loss, uncorrected, rate,
+                             start.get("step_length", 1.0))
         self.last_phase_result = result
         return result
 

@@ -281,6 +281,13 @@ class Trajectory:
         self.drop_snapshot()
         self.sync()
 
+    def restore_snapshot(self) -> None:
+        """Copy the snapshot back into the parameters, bit for bit, and keep it. Buffers stay."""
+        if self._snapshot is None:
+            raise RuntimeError("restore without a snapshot")
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._views(self._snapshot))
+
     def swap_snapshot(self) -> None:
         """Exchange the live parameters with the snapshot (call twice to undo). Buffers stay."""
         if self._snapshot is None:

@@ -13,10 +13,10 @@ steps predicted as "no change") anchor a *lasting* q: how much of a real step's 
 steps still hold at the end of training (1: as good as real steps; 0: as good as skipping them).
 Output is about value, not time: no timing claims. Last lines: one JSON object per (workload, predictor).
 
-``--regimes`` (issue 7, item 5) changes the training setup: ``adamw_cosine`` is the workload as tuned
-(AdamW, warmup + cosine); ``constant_lr`` keeps the LR flat after warmup; ``low_lr`` is a
-fine-tuning-like setup (a tenth of the tuned LR, flat); ``large_batch`` uses 4x the batch;
-``sgd`` replaces AdamW with SGD + Nesterov momentum 0.9 at the workload's ``sgd_lr`` (same schedule).
+``--regimes`` (issue 7, item 5) changes the training setup (``benchmarks/regimes.py``): ``adamw_cosine``
+is the workload as tuned (AdamW, warmup + cosine); ``constant_lr`` keeps the LR flat after warmup;
+``low_lr`` is a fine-tuning-like setup (a tenth of the tuned LR, flat); ``large_batch`` uses 4x the
+batch; ``sgd`` replaces AdamW with SGD + Nesterov momentum 0.9 at the workload's ``sgd_lr``.
 """
 
 from __future__ import annotations
@@ -24,40 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import types
 
 import lightning as L
 import torch
 import yaml
 
+from benchmarks.regimes import REGIMES, regime_model, regime_spec
 from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 from hybrid_lightning.config import PREDICTORS
-from hybrid_lightning.examples.common import WarmupCosine, resolve_total_steps
-
-REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd")
-
-
-def _sgd_optimizers(self):  # replaces configure_optimizers for the ``sgd`` regime
-    hp = self.hparams
-    sgd = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True)
-    schedule = WarmupCosine(resolve_total_steps(self, hp.total_steps), hp.warmup_frac, hp.final_lr_frac)
-    sched = torch.optim.lr_scheduler.LambdaLR(sgd, schedule)
-    return {"optimizer": sgd, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
-
-
-def regime_spec(spec: dict, regime: str) -> dict:
-    """The workload spec with one regime's changes (model/data args, LR)."""
-    spec = {**spec, "model_args": dict(spec["model_args"]), "data_args": dict(spec["data_args"])}
-    if regime in ("constant_lr", "low_lr"):
-        spec["model_args"]["final_lr_frac"] = 1.0
-    if regime == "low_lr":
-        spec["lr"] = spec["lr"] / 10
-    if regime == "large_batch":
-        spec["data_args"]["batch_size"] = 4 * spec["data_args"].get("batch_size", 64)
-    if regime == "sgd":
-        spec["lr"] = spec["sgd_lr"]
-    return spec
 
 
 def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
@@ -77,9 +52,7 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
         cfg.line_search = line_search
     L.seed_everything(seed, verbose=False)
     spec = regime_spec(spec, regime)
-    model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
-    if regime == "sgd":
-        model.configure_optimizers = types.MethodType(_sgd_optimizers, model)
+    model = regime_model(_load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0), regime)
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
     cb = HybridPredictiveTraining(cfg, verbose=False)
     quiet = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

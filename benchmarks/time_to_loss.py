@@ -3,6 +3,7 @@
     python -m benchmarks.time_to_loss                      # all workloads, 3 interleaved repeats
     python -m benchmarks.time_to_loss --workloads mlp --tune  # re-run the baseline LR sweep first
     python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
+    python -m benchmarks.time_to_loss --regime low_lr      # another training regime (benchmarks/regimes.py)
 
 Per workload (``benchmarks/workloads/<name>.yaml``), every repeat runs, back to back and in the same
 process: the plain baseline (same model, data order, seed, optimizer, tuned LR), each hybrid variant,
@@ -33,6 +34,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.regimes import REGIMES, regime_model, regime_spec
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +119,7 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
     L.seed_everything(seed, verbose=False)
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
     model = _load(spec["model"])(**spec["model_args"], lr=lr, total_steps=0)  # schedule length = max_steps
+    model = regime_model(model, spec.get("_regime", "adamw_cosine"))
     cb = None
     if hybrid is not None:
         cb = HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False, report_dir=spec["_out"],
@@ -165,7 +168,8 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
     spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
     if args.quick:
         spec.update(spec.pop("quick"))
-    spec["_out"] = str(args.out)
+    spec = regime_spec(spec, args.regime)
+    spec["_out"], spec["_regime"] = str(args.out), args.regime
     lr = spec["lr"]
     sweep = []
     if args.tune:
@@ -211,7 +215,8 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
     base_t = _median([time_to(r.curve, target) for r in base])
     base_b = _median([time_to(r.curve, target, "backward") for r in base])
     seed_vals = [base[0].final_val] + [r.final_val for r in runs if r.kind.startswith("seed:")]
-    out: dict[str, Any] = {"workload": name, "target_val": target, "lr": lr, "steps": spec["steps"],
+    out: dict[str, Any] = {"workload": name, "regime": spec.get("_regime", "adamw_cosine"), "target_val": target,
+                           "lr": lr, "steps": spec["steps"],
                            "seed_final_vals": seed_vals,
                            "seed_spread": (max(seed_vals) - min(seed_vals)) if len(seed_vals) > 1 else None,
                            "baseline_seconds": statistics.median(r.train_seconds for r in base),
@@ -309,12 +314,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, default=3, help="baseline runs with seeds 0..n-1: the final-loss noise floor")
     p.add_argument("--seed", type=int, default=0,
                    help="init and data-order seed of the comparison runs (baseline, hybrids, controls)")
+    p.add_argument("--regime", default="adamw_cosine", choices=REGIMES,
+                   help="training regime; the baseline and the controls train in it too (LR from the regime)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned for comparable timings)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    if args.tune and args.regime != "adamw_cosine":
+        p.error("--tune sweeps the workload's own learning rates; use it with the default regime")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.time_to_loss " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
 import yaml
 
-from benchmarks import dynamics_quality, predictor_value, time_to_loss
+from benchmarks import dynamics_quality, predictor_value, regimes, time_to_loss
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -28,6 +30,15 @@ def test_time_to_loss_quick_writes_json_png_and_table(tmp_path, capsys):
         assert seconds == sorted(seconds) and all(math.isfinite(p["val"]) for p in r["curve"])
     assert (tmp_path / "mlp.png").stat().st_size > 0
     assert "| mlp | default |" in (tmp_path / "time_to_loss.md").read_text()
+
+
+def test_time_to_loss_trains_every_run_in_the_chosen_regime(tmp_path):
+    [res] = time_to_loss.main(["--quick", "--repeats", "1", "--seeds", "1", "--workloads", "mlp", "--variants",
+                               "default", "--regime", "sgd", "--out", str(tmp_path)])
+    spec = yaml.safe_load((time_to_loss.HERE / "workloads" / "mlp.yaml").read_text())
+    assert res["regime"] == "sgd" and res["lr"] == spec["sgd_lr"]
+    with pytest.raises(SystemExit):
+        time_to_loss.main(["--quick", "--tune", "--regime", "low_lr", "--out", str(tmp_path)])
 
 
 def test_time_to_interpolates_and_reports_not_reached():
@@ -54,19 +65,23 @@ def _quick_mlp() -> dict:
 
 def test_regimes_change_only_what_they_name():
     spec = _quick_mlp()
-    assert predictor_value.regime_spec(spec, "adamw_cosine") == spec
-    flat = predictor_value.regime_spec(spec, "constant_lr")
+    assert regimes.regime_spec(spec, "adamw_cosine") == spec
+    flat = regimes.regime_spec(spec, "constant_lr")
     assert flat["model_args"]["final_lr_frac"] == 1.0 and flat["lr"] == spec["lr"]
-    assert predictor_value.regime_spec(spec, "low_lr")["lr"] == spec["lr"] / 10
-    big = predictor_value.regime_spec(spec, "large_batch")
+    assert regimes.regime_spec(spec, "low_lr")["lr"] == spec["lr"] / 10
+    big = regimes.regime_spec(spec, "large_batch")
     assert big["data_args"]["batch_size"] == 4 * spec["data_args"]["batch_size"]
-    assert predictor_value.regime_spec(spec, "sgd")["lr"] == spec["sgd_lr"]
+    assert regimes.regime_spec(spec, "sgd")["lr"] == spec["sgd_lr"]
     assert "final_lr_frac" not in spec["model_args"]  # the workload's own spec is left alone
+    model = time_to_loss._load(spec["model"])(**spec["model_args"], lr=0.1, total_steps=100)
+    assert isinstance(regimes.regime_model(model, "low_lr").configure_optimizers()["optimizer"], torch.optim.AdamW)
+    sgd = regimes.regime_model(model, "sgd").configure_optimizers()["optimizer"]
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["lr"] == 0.1
 
 
 def test_predictor_value_runs_anchor_the_lasting_value(capsys):
-    out = predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "real", "null", "tail_average", "--horizon",
-                                "4", "--min-full", "8", "--regimes", "sgd", "--line-search", "0.5", "2"])
+    out = predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "real", "null", "tail_average",
+                                "--horizon", "4", "--min-full", "8", "--regimes", "sgd", "--line-search", "0.5", "2"])
     real, null, tail = out
     assert real["predicted_steps"] == 0 and real["phases"] == 0 and real["lasting_q"] is None
     assert null["predicted_steps"] > 0 and null["phases"] > 0

@@ -106,6 +106,15 @@ def test_bandit_learns_the_paying_arm_and_settles_on_zero_when_nothing_pays():
     assert bad.choose(x, 5) == 0
 
 
+def test_bandit_breaks_ties_toward_the_preferred_end():
+    b = LinUCB([0, 2, 5, 10], alpha=0.5)
+    x = torch.zeros(FEATURE_DIM)
+    assert b.choose(x, 10) == 2 and b.choose(x, 10, prefer_long=True) == 10  # untried arms tie
+    assert b.choose(x, 6, prefer_long=True) == 5
+    b.update(10, x, -1.0)
+    assert b.choose(x, 10, prefer_long=True) == 5  # no longer a tie
+
+
 @given(st.lists(st.tuples(st.integers(0, 3), st.floats(-5, 5)), max_size=40),
        st.lists(st.floats(-1, 1), min_size=FEATURE_DIM, max_size=FEATURE_DIM))
 def test_bandit_is_deterministic_and_round_trips(pulls, feats):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import torch
 from hypothesis import given
@@ -191,3 +192,25 @@ def test_line_search_picks_the_first_strict_minimum_and_a_refusal_changes_nothin
     else:
         assert result.reason == "probe" and result.kept
         torch.testing.assert_close(after, before + best_len * disp)
+
+
+def _distance(w: torch.Tensor) -> float:
+    return float(((w.detach() - 1) ** 2).sum())
+
+
+def test_with_a_line_search_the_first_phase_uses_the_longest_horizon():
+    # a refused phase costs forwards, not steps: the line search replaces the cautious short first phase
+    for line_search, first in ((None, 1), ([1.0], 16)):
+        w = nn.Parameter(torch.zeros(5))
+        cfg = HybridConfig(warmup_steps=3, min_full_steps=2, max_predict_steps=16, predict_threshold=0.0,
+                           predictor="null", line_search=line_search)  # arms 0, 1, 4, 8, 16
+        engine = HybridEngine([w], cfg, dynamics=_TowardTarget(torch.ones(5), 0.5))
+        assert engine.horizon_cap == first
+        opt = torch.optim.SGD([w], lr=0.05)
+        while engine.plan().runs_backward:
+            opt.zero_grad()
+            loss = ((w - 1) ** 2).sum()
+            loss.backward()
+            opt.step()
+            engine.observe(StepObservation(loss=float(loss.detach())), partial(_distance, w))
+        assert engine.phase_state.horizon == first

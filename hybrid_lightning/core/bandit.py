@@ -61,13 +61,15 @@ class LinUCB:
         s = mean + self.alpha * width
         return torch.where(torch.tensor(self.arms) == 0, torch.zeros_like(s), s)
 
-    def choose(self, features: Tensor, max_horizon: int) -> int:
-        """Best arm with horizon <= max_horizon; ties go to the shorter horizon; 0 when nothing beats 0."""
+    def choose(self, features: Tensor, max_horizon: int, prefer_long: bool = False) -> int:
+        """Best arm with horizon <= max_horizon; ties go to the shorter horizon (``prefer_long``: the longer);
+        0 when nothing beats 0."""
         allowed = [i for i, a in enumerate(self.arms) if a <= max_horizon]
         if not allowed:
             return 0
         s = self.scores(features)
-        best = max(allowed, key=lambda i: (float(s[i]), -self.arms[i]))
+        sign = 1 if prefer_long else -1
+        best = max(allowed, key=lambda i: (float(s[i]), sign * self.arms[i]))
         return self.arms[best] if float(s[best]) > 0 else 0
 
     def update(self, arm: int, features: Tensor, reward: float) -> None:

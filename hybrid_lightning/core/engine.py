@@ -134,6 +134,7 @@ class HybridEngine:
         self.corrector = ResidualCorrector(L, K, cfg.corrector)
         self.monitor = DivergenceMonitor(cfg.divergence)
         self.bandit = LinUCB(cfg.horizons, cfg.bandit.alpha, cfg.bandit.ridge)
+        self._line_search = bool(cfg.line_search) and isinstance(self.dynamics, ParameterDynamics)
         self.phase_state: PhaseState = initial_state(self.limits)
         self.step = 0
         self._plan: StepPlan | None = None
@@ -143,8 +144,7 @@ class HybridEngine:
         self._block_loss = 0.0
         self._block_count = 0
         self._last_block_loss: float | None = None
-        # start cautiously: the shortest horizon; each Predict phase that pays unlocks the next longer one
-        self._horizon_cap = min((a for a in cfg.horizons if a > 0), default=0)
+        self._horizon_cap = self._first_horizon_cap()
         self._cooldown_until = 0
         self._cooldown_len = cfg.bandit.cooldown_steps
         # dormancy: min_full_steps + dormant_after real steps without a Predict phase -> stop observing for a while
@@ -309,8 +309,7 @@ class HybridEngine:
             if self._update_dormancy(ps.phase):
                 ps = PhaseState(Phase.FULL)  # just woke: min_full_steps of fresh observations before predicting
             self.phase_state = self._next_after_real(ps, alarm)
-            if (self.phase_state.phase is Phase.PREDICT and self.config.line_search and probe is not None
-                    and isinstance(self.dynamics, ParameterDynamics)):
+            if self.phase_state.phase is Phase.PREDICT and self._line_search and probe is not None:
                 report.phase_result = self._begin_with_line_search(probe)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
@@ -406,7 +405,7 @@ class HybridEngine:
         conf = self.confidence()
         if ready_to_predict(done, conf, alarm, self.limits) and not self.dormant:
             if self.step >= self._cooldown_until and self._horizon_cap > 0:
-                horizon = self.bandit.choose(self.state.features(), self._horizon_cap)
+                horizon = self.bandit.choose(self.state.features(), self._horizon_cap, prefer_long=self._line_search)
         return next_phase(ps, self.step, conf, alarm, horizon, self.limits)
 
     # ------------------------------------------------------------------ judging a phase
@@ -522,9 +521,16 @@ class HybridEngine:
         self._horizon_cap = 0
         self._cooldown_until = self.step + self._cooldown_len
         self._cooldown_len = max(2 * self._cooldown_len, 1)
+        self._horizon_cap = self._first_horizon_cap()  # after the cooldown, probe again
+
+    def _first_horizon_cap(self) -> int:
+        """Start cautiously at the shortest horizon; each phase that pays unlocks the next longer one. With a
+        line search, a phase whose prediction is wrong is refused before it takes a step, so start at the longest:
+        its fixed cost (the trial forwards) is then spread over the most predicted steps."""
         positive = [a for a in self.bandit.arms if a > 0]
-        if positive:
-            self._horizon_cap = min(positive)  # after the cooldown, probe again with the shortest horizon
+        if not positive:
+            return 0
+        return max(positive) if self._line_search else min(positive)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,8 @@ process: the plain baseline (same model, data order, seed, optimizer, tuned LR),
 and for each variant an *equal-compute control*: plain training for only as many steps as the variant
 ran backward passes, with the LR schedule compressed to that length. Training wall-clock excludes
 validation. The target is the baseline's final validation loss (median over repeats); time to target
-is interpolated linearly between evaluation points. "not reached" is a valid outcome.
+is interpolated linearly between evaluation points. "not reached" is a valid outcome. A variant with
+``steps_factor: f`` trains for f times the baseline's steps (its schedule stretched to match).
 
 Writes ``<out>/<workload>.json`` and ``.png``, and ``<out>/time_to_loss.md`` (the README table); the
 last lines printed are one JSON object per workload.
@@ -188,7 +189,11 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
         runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator, seed=args.seed))
         _say(name, runs[-1])
         for var, overrides in variants.items():
-            h = train(spec, f"hybrid:{var}", N, lr, rep, overrides, args.accelerator, seed=args.seed)
+            # a variant may train longer than the baseline (``steps_factor``): with a flat LR, predicted steps
+            # worth less than real ones can still reach the baseline's loss sooner if there are more of them
+            hybrid = {k: v for k, v in overrides.items() if k != "steps_factor"}
+            steps = round(N * overrides.get("steps_factor", 1.0))
+            h = train(spec, f"hybrid:{var}", steps, lr, rep, hybrid, args.accelerator, seed=args.seed)
             runs.append(h)
             _say(name, h)
             if h.backward_passes < N:

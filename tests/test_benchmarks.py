@@ -22,7 +22,9 @@ def test_time_to_loss_quick_writes_json_png_and_table(tmp_path, capsys):
     assert KEYS <= set(line) and line["workload"] == "mlp"
     data = json.loads((tmp_path / "mlp.json").read_text())
     kinds = {r["kind"] for r in data["runs"]}
-    assert {"baseline", "hybrid:default", "hybrid:eager"} <= kinds
+    assert {"baseline", "hybrid:default", "hybrid:eager", "hybrid:eager_long"} <= kinds
+    steps = {r["kind"]: r["steps"] for r in data["runs"]}
+    assert steps["hybrid:eager_long"] == round(1.5 * steps["baseline"]) and steps["hybrid:eager"] == steps["baseline"]
     for r in data["runs"]:
         steps = [p["step"] for p in r["curve"]]
         assert steps == sorted(steps) and steps[-1] == r["steps"]

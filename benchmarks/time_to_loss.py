@@ -62,6 +62,7 @@ class Run:
     predict_fraction: float = 0.0
     rollbacks: int = 0
     kept_phases: int = 0
+    refused_phases: int = 0  # line search: refused before their first step
     cost_ratio: float | None = None
 
     @property
@@ -139,7 +140,7 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
     if cb is not None:
         rep = cb.report
         run.predict_fraction = rep.backward_skip_ratio
-        run.rollbacks, run.kept_phases = rep.rollbacks, rep.kept_phases
+        run.rollbacks, run.kept_phases, run.refused_phases = rep.rollbacks, rep.kept_phases, rep.refused_phases
         run.cost_ratio = None if math.isnan(rep.cost_ratio) else rep.cost_ratio
     return run
 
@@ -196,7 +197,7 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
             h = train(spec, f"hybrid:{var}", steps, lr, rep, hybrid, args.accelerator, seed=args.seed)
             runs.append(h)
             _say(name, h)
-            if h.backward_passes < N:
+            if h.backward_passes < h.steps:  # it predicted: plain training for as many real steps
                 c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator, seed=args.seed)
                 runs.append(c)
                 _say(name, c)
@@ -207,8 +208,13 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
     return summarize(name, spec, lr, sweep, runs, variants, args)
 
 
+def _refused(v: dict) -> str:
+    return f" ({v['refused_phases']:g} refused)" if v.get("refused_phases") else ""
+
+
 def _say(name: str, r: Run) -> None:
-    extra = f", predicted {100 * r.predict_fraction:.1f}%, rollbacks {r.rollbacks}" if r.kind.startswith("hyb") else ""
+    extra = (f", predicted {100 * r.predict_fraction:.1f}%, rollbacks {r.rollbacks}, refused {r.refused_phases}"
+             if r.kind.startswith("hyb") else "")
     print(f"[{name}] repeat {r.repeat} {r.kind}: {r.steps} steps, {r.train_seconds:.1f} s, "
           f"final val {r.final_val:.4f}{extra}", flush=True)
 
@@ -229,7 +235,8 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
                            "final_val_baseline": target, "variants": {}, "sweep": sweep}
     for var in variants:
         hyb = [r for r in runs if r.kind == f"hybrid:{var}"]
-        ctl = [r for r in runs if r.kind == f"control:{var}"] or base  # no skipped steps: the control is the baseline
+        controls = [r for r in runs if r.kind == f"control:{var}"]
+        ctl = controls or base  # no skipped steps: the control is the baseline
         h_t = _median([time_to(r.curve, target) for r in hyb])
         c_t = _median([time_to(r.curve, target) for r in ctl])
         ratios = [r.cost_ratio for r in hyb if r.cost_ratio is not None]
@@ -239,6 +246,7 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
             "final_val_equal_compute": statistics.median(r.final_val for r in ctl),
             "hybrid_seconds": statistics.median(r.train_seconds for r in hyb),
             "equal_compute_steps": ctl[0].steps,
+            "equal_compute_run": bool(controls),
             "hybrid_time_to_target": h_t,
             "equal_compute_time_to_target": c_t,
             "speedup_vs_baseline": base_t / h_t if base_t and h_t else None,
@@ -247,6 +255,7 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
             "predict_fraction": statistics.median(r.predict_fraction for r in hyb),
             "rollbacks": statistics.median(r.rollbacks for r in hyb),
             "kept_phases": statistics.median(r.kept_phases for r in hyb),
+            "refused_phases": statistics.median(r.refused_phases for r in hyb),
             "cost_ratio": statistics.median(ratios) if ratios else None,
         }
     out["runs"] = [asdict(r) for r in runs]
@@ -298,13 +307,14 @@ def table(results: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for var, v in res["variants"].items():
-            skipped = v["equal_compute_steps"] < res["steps"]
+            skipped = v.get("equal_compute_run", v["equal_compute_steps"] < res["steps"])
             ctl = f"{v['final_val_equal_compute']:.4f}" if skipped else "same as baseline"
             speed_c = _fmt(v["speedup_vs_equal_compute"], ".2f") + "x" if skipped else "n/a (no step skipped)"
             rows.append(
                 f"| {res['workload']} | {var} | {res['final_val_baseline']:.4f} / {v['final_val_hybrid']:.4f} / {ctl} "
                 f"({_fmt(res['seed_spread'], '.4f', 'n/a')}) "
-                f"| {100 * v['predict_fraction']:.1f}% | {v['rollbacks']:g} of {v['rollbacks'] + v['kept_phases']:g} "
+                f"| {100 * v['predict_fraction']:.1f}% | {v['rollbacks']:g} of {v['rollbacks'] + v['kept_phases']:g}"
+                f"{_refused(v)} "
                 f"| {_fmt(v['cost_ratio'], '.3f', 'n/a')} | {_fmt(v['speedup_vs_baseline'], '.2f')}x "
                 f"| {speed_c} | {_fmt(v['backward_to_target'], '.0f')} / "
                 f"{_fmt(res['baseline_backward_to_target'], '.0f')} |")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 from functools import partial
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -170,7 +171,7 @@ def test_line_search_refuses_a_phase_no_step_length_improves_and_leaves_the_weig
     [(result, after, next_phase)] = results
     assert not result.kept and result.reason == "line_search" and result.step_length == 0.0
     assert result.steps == 0 and engine.counters["predicted_steps"] == 0
-    assert next_phase is Phase.CORRECT and engine.counters["rollbacks"] == 1
+    assert next_phase is Phase.FULL and engine.counters["refused"] == 1 and engine.counters["rollbacks"] == 0
     assert engine.counters["probe_forwards"] == 4  # not moving, then each step length
     assert torch.equal(after, before)  # the trial steps were undone bit for bit
 
@@ -214,3 +215,62 @@ def test_with_a_line_search_the_first_phase_uses_the_longest_horizon():
             opt.step()
             engine.observe(StepObservation(loss=float(loss.detach())), partial(_distance, w))
         assert engine.phase_state.horizon == first
+
+
+class _Nothing(NullPredictor):
+    def predict_displacement(self, trajectory, steps):
+        return None  # e.g. DMD before it has enough snapshots
+
+
+def _drive(engine, w, target, steps):
+    opt = torch.optim.SGD([w], lr=0.05)
+    results, caps = [], []
+    for _ in range(steps):
+        plan = engine.plan()
+        if plan.runs_backward:
+            opt.zero_grad()
+            loss = ((w - target) ** 2).sum()
+            loss.backward()
+            opt.step()
+            report = engine.observe(StepObservation(loss=float(loss.detach())), partial(_sq_dist, w, target))
+        else:
+            engine.apply(plan)
+            report = engine.observe(StepObservation(), partial(_sq_dist, w, target))
+        if report.phase_result is not None:
+            results.append(report.phase_result)
+            caps.append(engine.horizon_cap)
+    return results, caps
+
+
+def _sq_dist(w, target):
+    return float(((w.detach() - target) ** 2).sum())
+
+
+def test_refusals_cost_forwards_not_steps_and_enough_in_a_row_start_a_cooldown():
+    target = torch.linspace(1.0, 2.0, 5)
+    cfg = HybridConfig(warmup_steps=3, min_full_steps=2, max_predict_steps=8, predict_threshold=0.0,
+                       predictor="null", line_search=[1.0, 2.0])  # arms 0, 2, 4, 8: three positive
+    cfg.trajectory.stride = 4
+    cfg.bandit.cooldown_steps = 50
+    w = nn.Parameter(torch.zeros(5))
+    engine = HybridEngine([w], cfg, dynamics=_TowardTarget(target, -0.5))  # always away: always refused
+    results, caps = _drive(engine, w, target, 30)
+    assert len(results) == 3 and all(r.reason == "line_search" and r.steps == 0 for r in results)
+    assert results[0].horizon == 8 and caps == [8, 8, 8]  # a refusal does not shrink the horizon cap
+    # each refusal is charged its 3 trial forwards over its horizon, nothing for lost steps
+    assert all(r.reward == pytest.approx(-3 * cfg.bandit.forward_cost / r.horizon) for r in results)
+    assert engine.counters["predicted_steps"] == 0 and engine.counters["rollbacks"] == 0
+    assert engine._cooldown_until == results[-1].start_step + 50 and engine.horizon_cap == 8
+    # nothing moved, so observation goes on: the stride was not restarted by the refusals
+    assert engine.trajectory.real_updates == (engine.counters["real_steps"] - 0) // 4
+
+
+def test_a_line_search_refuses_a_phase_with_nothing_predicted_without_probing():
+    target = torch.ones(5)
+    cfg = HybridConfig(warmup_steps=3, min_full_steps=2, max_predict_steps=4, predict_threshold=0.0,
+                       predictor="null", line_search=[1.0])
+    w = nn.Parameter(torch.zeros(5))
+    engine = HybridEngine([w], cfg, dynamics=_Nothing(1, 1))
+    results, _ = _drive(engine, w, target, 8)
+    assert results and results[0].reason == "line_search" and results[0].step_length == 0.0
+    assert engine.counters["probe_forwards"] == 0 and engine.counters["predicted_steps"] == 0

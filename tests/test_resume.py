@@ -63,6 +63,45 @@ def test_resume_in_each_phase_reproduces_the_uninterrupted_run(reference, target
     assert cb.engine.counters == ref_cb.engine.counters
 
 
+def line_search_config():
+    cfg = eager_config()
+    cfg.predictor, cfg.line_search = "tail_average", [0.5, 1.0, 2.0]
+    cfg.corrector.weight_correction = False
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def reference_line_search(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts_ls")
+    torch.manual_seed(0)
+    model = StepData()
+    cb = HybridPredictiveTraining(line_search_config(), verbose=False)
+    rec = PhaseRecorder(cb)
+    ck = ModelCheckpoint(dirpath=d, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer([cb, rec, ck], max_steps=STEPS, strategy="hybrid", enable_checkpointing=True).fit(model)
+    return d, rec.phases, [p.detach().clone() for p in model.parameters()], cb
+
+
+def test_resume_with_a_line_search_reproduces_the_uninterrupted_run(reference_line_search):
+    d, phases, final, ref_cb = reference_line_search
+    results = list(ref_cb.results)
+    refused = [r for r in results if r.reason == "line_search"]
+    scaled = [r for r in results if r.reason == "probe" and r.step_length != 1.0]
+    assert refused and scaled, [(r.reason, r.step_length) for r in results]
+    # inside a phase whose displacement the line search scaled, and right after a refusal
+    mid = scaled[0].start_step + 2
+    after_refusal = refused[0].start_step + 1
+    assert phases[mid] == "PREDICT" and phases[after_refusal - 1] != "PREDICT"
+    for k in (mid, after_refusal):
+        torch.manual_seed(123)
+        model = StepData()
+        cb = HybridPredictiveTraining(line_search_config(), verbose=False)
+        trainer([cb], max_steps=STEPS, strategy="hybrid").fit(model, ckpt_path=str(d / f"step={k}.ckpt"))
+        for a, b in zip(model.parameters(), final):
+            assert torch.equal(a.detach(), b), k
+        assert cb.engine.counters == ref_cb.engine.counters
+
+
 def test_checkpoint_loads_with_weights_only_and_holds_the_full_engine_state(reference):
     d, phases, _, _ = reference
     k = next(k for k in range(1, STEPS) if phases[k] == "PREDICT" and phases[k - 1] == "PREDICT")

@@ -154,8 +154,9 @@ class HybridEngine:
         self.counters: dict[str, int] = {
             "real_steps": 0, "predicted_steps": 0, "skipped_steps": 0, "phases": 0, "kept": 0, "rollbacks": 0,
             "corrections_tried": 0, "corrections_kept": 0, "probe_forwards": 0, "monitor_forwards": 0,
-            "divergence_events": 0, "dormant_steps": 0, "dormant_periods": 0,
+            "divergence_events": 0, "dormant_steps": 0, "dormant_periods": 0, "refused": 0,
         }
+        self._refused_in_row = 0  # line search: phases refused in a row (enough of them start a cooldown)
         self.last_phase_result: PhaseResult | None = None
         self._events: list[HybridTrainingError] = []  # raised since the last report
         self._unreported: PhaseResult | None = None  # judged inside plan(), reported by the next observe()
@@ -228,8 +229,9 @@ class HybridEngine:
         self._begin_predict()
         start, disp, traj = self._phase_start, self._displacement, self.trajectory
         assert start is not None and self.config.line_search is not None
+        start["step_length"] = 0.0
         if disp is None:
-            return None  # nothing predicted yet: the phase runs its zero steps and is judged as usual
+            return self._refuse()  # nothing predicted (e.g. DMD refilling its snapshots after waking)
         best_len, best = 0.0, float(probe())
         for a in self.config.line_search:
             traj.apply(traj.delta_from_flat(disp, a))
@@ -244,11 +246,15 @@ class HybridEngine:
         self.counters["probe_forwards"] += n
         start["step_length"] = best_len
         if best_len == 0.0:
-            result = self._finish_phase(None, forced_reason="line_search")
-            self.phase_state = PhaseState(Phase.CORRECT)
-            return result
+            return self._refuse()
         disp.mul_(best_len)
         return None
+
+    def _refuse(self) -> PhaseResult:
+        """End the phase before its first step; nothing moved, so Full (not Correct) follows."""
+        result = self._finish_phase(None, forced_reason="line_search")
+        self.phase_state = PhaseState(Phase.FULL)
+        return result
 
     def _plan_predicted_step(self) -> StepPlan:
         pred = self._prediction
@@ -428,6 +434,7 @@ class HybridEngine:
         forwards = start["forwards"]
         before = after = float("nan")
         kept, corrected, reason = False, False, forced_reason or "probe"
+        refused = forced_reason == "line_search"  # before the first step: the parameters never moved
         correction_loss = float("nan")
         uncorrected = float("nan")
         if forced_reason is None and probe is not None:
@@ -454,10 +461,14 @@ class HybridEngine:
                                                                                  rate, after)
                 forwards += extra
             self.counters["kept"] += 1
+        elif refused:
+            self.trajectory.drop_snapshot()  # and no resync: the stride and the block loss carry on
+            self.counters["refused"] += 1
         else:
             self.trajectory.rollback()
             self.counters["rollbacks"] += 1
-        self._resync()
+        if not refused:
+            self._resync()
 
         scale = self.state.loss_scale
         if math.isfinite(residual):
@@ -465,18 +476,29 @@ class HybridEngine:
             self.residuals.add(r)
             self.corrector.update_from_residual(r, scale)
             self.dynamics.observe_residual(residual / scale)
-        elif not kept:
+        elif not kept and not refused:
             self.dynamics.observe_residual(10.0)
-        reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
-                              cfg.bandit.rollback_penalty)
+        if refused:  # the trial forwards bought nothing; spread over the steps the phase would have run
+            reward = max(-5.0, -forwards * cfg.bandit.forward_cost / max(start["horizon"], 1))
+        else:
+            reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
+                                  cfg.bandit.rollback_penalty)
         self.bandit.update(start["horizon"], start["features"], reward)
         self.state.record_phase_outcome(not kept, residual / scale if math.isfinite(residual) else 0.0, value)
+        if refused:
+            # its horizon did not make it bad: keep the horizon, but as many refusals in a row as it takes
+            # rejected phases to shrink the cap to 0 start the same doubling cooldown
+            self._refused_in_row += 1
+            if self._refused_in_row >= sum(a > 0 for a in self.bandit.arms):
+                self._start_cooldown()
+        else:
+            self._refused_in_row = 0
         if kept and value > 0:  # it helped: a longer horizon amortizes the probes better
             longer = [a for a in self.bandit.arms if a > self._horizon_cap]
             self._horizon_cap = min(longer, default=self._horizon_cap)
             self._cooldown_len = cfg.bandit.cooldown_steps
             self._dormant_len = cfg.bandit.dormant_after
-        elif not kept:
+        elif not kept and not refused:
             self._shrink_horizon()
         self._prediction, self._phase_start, self._displacement = None, None, None
         result = PhaseResult(start["step"], start["horizon"], steps, before, after, predicted_change, residual,
@@ -518,10 +540,14 @@ class HybridEngine:
         if arms:
             self._horizon_cap = max(arms)
             return
-        self._horizon_cap = 0
+        self._start_cooldown()
+
+    def _start_cooldown(self) -> None:
+        """No Predict phase for a cooldown (doubling each time); after it, probe again."""
         self._cooldown_until = self.step + self._cooldown_len
         self._cooldown_len = max(2 * self._cooldown_len, 1)
-        self._horizon_cap = self._first_horizon_cap()  # after the cooldown, probe again
+        self._refused_in_row = 0
+        self._horizon_cap = self._first_horizon_cap()
 
     def _first_horizon_cap(self) -> int:
         """Start cautiously at the shortest horizon; each phase that pays unlocks the next longer one. With a
@@ -551,6 +577,7 @@ class HybridEngine:
             "horizon_cap": self._horizon_cap,
             "cooldown": [self._cooldown_until, self._cooldown_len],
             "dormancy": [self._awake_since, self._dormant_until, self._dormant_len],
+            "refused_in_row": self._refused_in_row,
             "counters": dict(self.counters),
             "state": self.state.state_dict(),
             "trajectory": self.trajectory.state_dict(),
@@ -592,5 +619,6 @@ class HybridEngine:
         self._awake_since, self._dormant_until, self._dormant_len = (
             int(x) for x in sd.get("dormancy", [self.step, 0, base]))
         self._dormant_len = max(self._dormant_len, base)  # dormant_after may have been raised since
+        self._refused_in_row = int(sd.get("refused_in_row", 0))
         self.counters.update({k: int(v) for k, v in sd["counters"].items()})
         self._plan = None

@@ -165,6 +165,7 @@ class HybridPredictiveTraining(Callback):
         assert isinstance(strategy, HybridStrategyMixin)
         strategy.hybrid_apply = self.engine.apply
         strategy.hybrid_plan = None
+        strategy.hybrid_loss_stats = None  # from an interrupted fit, between a backward and its optimizer step
         self._open = None
         self._attach_progress_bar(trainer)
 
@@ -387,6 +388,7 @@ class HybridPredictiveTraining(Callback):
         r.backward_skipped = r.steps["PREDICT"]
         r.backward_passes = r.steps["WARMUP"] + r.steps["FULL"] + r.steps["CORRECT"]
         r.predict_phases, r.kept_phases, r.rollbacks = c["phases"], c["kept"], c["rollbacks"]
+        r.refused_phases = c["refused"]
         r.corrections_kept, r.divergence_events = c["corrections_kept"], c["divergence_events"]
         r.skipped_nonfinite_steps, r.probe_forwards = c["skipped_steps"], c["probe_forwards"]
         r.dormant_steps = c["dormant_steps"]

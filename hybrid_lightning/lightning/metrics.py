@@ -35,7 +35,7 @@ class HybridMetrics:
         if math.isfinite(r.residual):
             self.residual.update(abs(r.residual))
         self.value.update(r.value)
-        self.rollbacks.update(0.0 if r.kept else 1.0)
+        self.rollbacks.update(0.0 if r.kept or r.reason == "line_search" else 1.0)
         self.max_horizon.update(float(r.horizon))
 
     @staticmethod
@@ -79,6 +79,7 @@ class HybridReport:
     predict_phases: int = 0
     kept_phases: int = 0
     rollbacks: int = 0
+    refused_phases: int = 0  # line search: phases refused before their first step (not rollbacks)
     corrections_kept: int = 0
     divergence_events: int = 0
     skipped_nonfinite_steps: int = 0
@@ -146,7 +147,7 @@ class HybridReport:
             f"backward passes run / skipped : {self.backward_passes} / {self.backward_skipped} "
             f"({100 * self.backward_skip_ratio:.1f}% skipped)",
             f"predict phases kept / rolled back: {self.kept_phases} / {self.rollbacks}"
-            f"  (corrections kept: {self.corrections_kept})",
+            f"  (corrections kept: {self.corrections_kept}; refused by the line search: {self.refused_phases})",
             f"divergence events              : {self.divergence_events}"
             f"  (non-finite real steps skipped: {self.skipped_nonfinite_steps})",
             f"mean |residual| (loss units)   : {fmt(self.mean_abs_residual)}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 import pytest
@@ -175,3 +176,29 @@ def test_bad_plugin_state_can_fall_back_to_fresh(reference, tmp_path, caplog):
         model, cb = resume(path, on_bad_state="fresh")
     assert "fresh engine in the Full phase" in caplog.text
     assert cb.engine.step == STEPS - 60 and cb.report.steps["WARMUP"] == 0
+
+
+def test_line_search_forwards_are_charged_to_the_predict_phase(monkeypatch):
+    # a clock on which each probe forward takes 1000 s: wherever probes ran, their time must land in PREDICT
+    import hybrid_lightning.lightning.callback as callback_module
+
+    offset = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(callback_module.time, "perf_counter", lambda: real_clock() + offset[0])
+    torch.manual_seed(0)
+    model = StepData()
+    cb = HybridPredictiveTraining(line_search_config(), verbose=False)
+    tr = trainer([cb], max_steps=80, strategy="hybrid")
+    original = tr.strategy.hybrid_probe
+
+    def slow_probe(*a, **k):
+        offset[0] += 1000.0
+        return original(*a, **k)
+
+    tr.strategy.hybrid_probe = slow_probe
+    tr.fit(model)
+    forwards = cb.engine.counters["probe_forwards"]
+    assert forwards > 0 and cb.engine.counters["refused"] + cb.engine.counters["kept"] > 0
+    seconds = cb.report.seconds
+    assert seconds["PREDICT"] >= 1000.0 * forwards
+    assert all(seconds[p] < 1000.0 for p in ("WARMUP", "FULL", "CORRECT"))

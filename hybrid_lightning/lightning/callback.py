@@ -275,7 +275,13 @@ class HybridPredictiveTraining(Callback):
         obs = StepObservation(loss=value, grad_norm=step["grad_norm"] if plan.measure_grad_norm else None,
                               skipped=step["skipped"])
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]
+        t_observe = time.perf_counter()
         report = self.engine.observe(obs, probe=probe)
+        # a real step that starts (or, with a line search, refuses) a Predict phase spent its observe() on
+        # that phase: the line search's trial forwards are the phase's cost, not the real step's
+        starts_phase = report.phase.runs_backward and (report.next_phase is Phase.PREDICT
+                                                       or report.phase_result is not None)
+        predict_seconds = time.perf_counter() - t_observe if starts_phase else 0.0
         self.last_report = report
         if report.phase_result is not None:
             self.results.append(report.phase_result)
@@ -288,7 +294,8 @@ class HybridPredictiveTraining(Callback):
             # Time per phase needs the device's queue drained only where the phase changes: within a run
             # of same-phase steps, work still queued at one step's end is counted in the next one's.
             torch.cuda.synchronize(strategy.root_device)
-        self._account(report, time.perf_counter() - step["t0"], value)
+        self._account(report, time.perf_counter() - step["t0"] - predict_seconds, value)
+        self.report.seconds["PREDICT"] += predict_seconds
         self._log(trainer, pl_module, report, value)
 
     def _account(self, report: StepReport, seconds: float, loss: float | None) -> None:

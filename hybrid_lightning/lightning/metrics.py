@@ -106,7 +106,9 @@ class HybridReport:
 
     @property
     def cost_ratio(self) -> float:
-        """Mean wall-clock of a predicted step over that of a real step (probes included in the real steps)."""
+        """Mean wall-clock of a predicted step over that of a real step, measured inside the callback's step
+        window (the batch fetch and the loop's own work are not in it). A phase's probes, corrections and
+        line-search trial forwards, refused phases' included, count as predicted-step time."""
         full = self._mean_seconds(("WARMUP", "FULL", "CORRECT"))
         pred = self._mean_seconds(("PREDICT",))
         return pred / full if full and math.isfinite(pred) and math.isfinite(full) else float("nan")

@@ -129,31 +129,29 @@ def _quadratic_run(fraction: float, line_search: list[float], steps: int = 12):
     cfg.corrector.weight_correction = False
     engine = HybridEngine([w], cfg, dynamics=_TowardTarget(target, fraction))
     opt = torch.optim.SGD([w], lr=0.05)
-
-    def probe():
-        with torch.no_grad():
-            return float(((w - target) ** 2).sum())
-
-    results, before = [], None
+    before = None
     for _ in range(steps):
-        plan = engine.plan()
-        if plan.runs_backward:
-            opt.zero_grad()
-            loss = ((w - target) ** 2).sum()
-            loss.backward()
-            opt.step()
-            report = engine.observe(StepObservation(loss=float(loss)), probe)
-        else:
-            if before is None:
-                before = engine.trajectory._snapshot.clone()
-            engine.apply(plan)
-            report = engine.observe(StepObservation(), probe)
+        if before is None and engine.trajectory.has_snapshot:
+            before = engine.trajectory._snapshot.clone()  # the phase started (line search) on the last step
+        report = _step(engine, w, target, opt)
         if report.phase_result is not None:
-            results.append((report.phase_result, w.detach().clone(), report.next_phase))
-            if before is None:
-                before = w.detach().clone()
-            break
-    return engine, results, before, target
+            before = w.detach().clone() if before is None else before  # refused: the weights never moved
+            return engine, [(report.phase_result, w.detach().clone(), report.next_phase)], before, target
+    return engine, [], before, target
+
+
+def _step(engine, w, target, opt):
+    """One optimizer step of SGD on ||w - target||^2, as the engine plans it -> the engine's report."""
+    probe = partial(_sq_dist, w, target)
+    plan = engine.plan()
+    if not plan.runs_backward:
+        engine.apply(plan)
+        return engine.observe(StepObservation(), probe)
+    opt.zero_grad()
+    loss = ((w - target) ** 2).sum()
+    loss.backward()
+    opt.step()
+    return engine.observe(StepObservation(loss=float(loss.detach())), probe)
 
 
 def test_line_search_scales_the_displacement_to_the_best_step_length():
@@ -195,10 +193,6 @@ def test_line_search_picks_the_first_strict_minimum_and_a_refusal_changes_nothin
         torch.testing.assert_close(after, before + best_len * disp)
 
 
-def _distance(w: torch.Tensor) -> float:
-    return float(((w.detach() - 1) ** 2).sum())
-
-
 def test_with_a_line_search_the_first_phase_uses_the_longest_horizon():
     # a refused phase costs forwards, not steps: the line search replaces the cautious short first phase
     for line_search, first in ((None, 1), ([1.0], 16)):
@@ -209,11 +203,7 @@ def test_with_a_line_search_the_first_phase_uses_the_longest_horizon():
         assert engine.horizon_cap == first
         opt = torch.optim.SGD([w], lr=0.05)
         while engine.plan().runs_backward:
-            opt.zero_grad()
-            loss = ((w - 1) ** 2).sum()
-            loss.backward()
-            opt.step()
-            engine.observe(StepObservation(loss=float(loss.detach())), partial(_distance, w))
+            _step(engine, w, torch.ones(5), opt)
         assert engine.phase_state.horizon == first
 
 
@@ -226,16 +216,7 @@ def _drive(engine, w, target, steps):
     opt = torch.optim.SGD([w], lr=0.05)
     results, caps = [], []
     for _ in range(steps):
-        plan = engine.plan()
-        if plan.runs_backward:
-            opt.zero_grad()
-            loss = ((w - target) ** 2).sum()
-            loss.backward()
-            opt.step()
-            report = engine.observe(StepObservation(loss=float(loss.detach())), partial(_sq_dist, w, target))
-        else:
-            engine.apply(plan)
-            report = engine.observe(StepObservation(), partial(_sq_dist, w, target))
+        report = _step(engine, w, target, opt)
         if report.phase_result is not None:
             results.append(report.phase_result)
             caps.append(engine.horizon_cap)

@@ -27,24 +27,26 @@ class PhaseRecorder(L.Callback):
         self.phases.append(self.cb.engine.plan().phase.name)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted run that checkpoints after every optimizer step."""
-    d = tmp_path_factory.mktemp("ckpts")
+def checkpointed_run(d, config):
+    """One uninterrupted run that checkpoints after every optimizer step -> (dir, phases, final params, cb)."""
     torch.manual_seed(0)
     model = StepData()
-    cb = HybridPredictiveTraining(eager_config(), verbose=False)
+    cb = HybridPredictiveTraining(config, verbose=False)
     rec = PhaseRecorder(cb)
     ck = ModelCheckpoint(dirpath=d, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer([cb, rec, ck], max_steps=STEPS, strategy="hybrid", enable_checkpointing=True).fit(model)
-    final = [p.detach().clone() for p in model.parameters()]
-    return d, rec.phases, final, cb
+    return d, rec.phases, [p.detach().clone() for p in model.parameters()], cb
 
 
-def resume(ckpt, **cb_kw):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return checkpointed_run(tmp_path_factory.mktemp("ckpts"), eager_config())
+
+
+def resume(ckpt, config=None, **cb_kw):
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     model = StepData()
-    cb = HybridPredictiveTraining(eager_config(), verbose=False, **cb_kw)
+    cb = HybridPredictiveTraining(config or eager_config(), verbose=False, **cb_kw)
     trainer([cb], max_steps=STEPS, strategy="hybrid").fit(model, ckpt_path=str(ckpt))
     return model, cb
 
@@ -73,14 +75,7 @@ def line_search_config():
 
 @pytest.fixture(scope="module")
 def reference_line_search(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts_ls")
-    torch.manual_seed(0)
-    model = StepData()
-    cb = HybridPredictiveTraining(line_search_config(), verbose=False)
-    rec = PhaseRecorder(cb)
-    ck = ModelCheckpoint(dirpath=d, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer([cb, rec, ck], max_steps=STEPS, strategy="hybrid", enable_checkpointing=True).fit(model)
-    return d, rec.phases, [p.detach().clone() for p in model.parameters()], cb
+    return checkpointed_run(tmp_path_factory.mktemp("ckpts_ls"), line_search_config())
 
 
 def test_resume_with_a_line_search_reproduces_the_uninterrupted_run(reference_line_search):
@@ -94,10 +89,7 @@ def test_resume_with_a_line_search_reproduces_the_uninterrupted_run(reference_li
     after_refusal = refused[0].start_step + 1
     assert phases[mid] == "PREDICT" and phases[after_refusal - 1] != "PREDICT"
     for k in (mid, after_refusal):
-        torch.manual_seed(123)
-        model = StepData()
-        cb = HybridPredictiveTraining(line_search_config(), verbose=False)
-        trainer([cb], max_steps=STEPS, strategy="hybrid").fit(model, ckpt_path=str(d / f"step={k}.ckpt"))
+        model, cb = resume(d / f"step={k}.ckpt", line_search_config())
         for a, b in zip(model.parameters(), final):
             assert torch.equal(a.detach(), b), k
         assert cb.engine.counters == ref_cb.engine.counters

@@ -120,3 +120,34 @@ def test_nowcast_predictor_jumps_on_cuda():
     tr.fit(model)
     assert cb.report.steps["PREDICT"] >= 32 and cb.engine.counters["phases"] >= 1
     _states_finite(model, tr)
+
+
+def test_line_search_trials_are_undone_exactly_on_cuda():
+    """Each trial step of the line search is undone bit for bit on the GPU; phases are kept, rolled back or
+    refused, and nothing non-finite reaches the weights or the optimizer state."""
+
+    class Record(L.Callback):
+        def __init__(self, cb):
+            self.cb, self.exact = cb, []
+
+        def on_train_start(self, trainer_, pl_module):
+            traj = self.cb.engine.trajectory
+            original = traj.restore_snapshot
+
+            def restore_snapshot():
+                original()
+                self.exact.append(torch.equal(traj._flatten(), traj._snapshot))
+
+            traj.restore_snapshot = restore_snapshot
+
+    cfg = eager_config()
+    cfg.predictor, cfg.line_search = "tail_average", [0.5, 1.0, 2.0]
+    cb = HybridPredictiveTraining(cfg.validate(), verbose=False)
+    rec = Record(cb)
+    model = StepDataOnDevice()
+    tr = trainer([cb, rec], max_steps=150, accelerator="cuda", devices=1, strategy="hybrid")
+    tr.fit(model)
+    c = cb.engine.counters
+    assert rec.exact and all(rec.exact)
+    assert c["phases"] > 0 and c["phases"] - (c["kept"] + c["rollbacks"] + c["refused"]) in (0, 1)  # 1: still open
+    _states_finite(model, tr)

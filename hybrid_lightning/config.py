@@ -82,6 +82,7 @@ class BanditConfig:
     forward_cost: float = 0.33  # cost of a no-grad forward, in full-step units (reward bookkeeping)
     apply_cost: float = 0.005  # cost of composing and applying one predicted delta, in full-step units
     rollback_penalty: float = 1.0  # reward per rolled-back predicted step (a lost schedule step)
+    value_floor: float = 1.0  # q a kept phase must beat to pay: with max_steps fixed, q < 1 costs final loss
     cooldown_steps: int = 100  # full steps without prediction once the horizon cap reaches 0 (doubles)
     dormant_after: int = 100  # steps past min_full_steps with no Predict phase before the dynamics sleep (0: never)
 
@@ -248,6 +249,7 @@ class HybridConfig:
         c.float_range("bandit.forward_cost", b.forward_cost, 0.0, 10.0)
         c.float_range("bandit.apply_cost", b.apply_cost, 0.0, 10.0)
         c.float_range("bandit.rollback_penalty", b.rollback_penalty, 0.0, 100.0)
+        c.float_range("bandit.value_floor", b.value_floor, 0.0, 5.0)
         c.int_range("bandit.cooldown_steps", b.cooldown_steps, 0, None)
         c.int_range("bandit.dormant_after", b.dormant_after, 0, None)
 

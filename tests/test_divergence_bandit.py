@@ -82,6 +82,9 @@ def test_reward_accounts_for_compute_and_rollbacks():
     lost = phase_reward(0.9, False, 10, forwards=2, forward_cost=0.3, apply_cost=0.01, rollback_penalty=1.0)
     assert lost == pytest.approx(-1.0 - 0.07)
     assert phase_reward(float("nan"), True, 5, 2, 0.3, 0.0, 1.0) == -5.0
+    # with a floor of 1 a kept phase pays only for what beats the real steps it replaced
+    assert phase_reward(0.5, True, 10, 2, 0.3, 0.0, 1.0, value_floor=1.0) == pytest.approx(-0.5 - 0.06)
+    assert phase_reward(1.5, True, 10, 2, 0.3, 0.0, 1.0, value_floor=1.0) == pytest.approx(0.5 - 0.06)
 
 
 def test_bandit_learns_the_paying_arm_and_settles_on_zero_when_nothing_pays():

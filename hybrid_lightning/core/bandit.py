@@ -19,17 +19,19 @@ from hybrid_lightning.core.state import FEATURE_DIM
 
 
 def phase_reward(value: float, kept: bool, horizon: int, forwards: int, forward_cost: float,
-                 apply_cost: float, rollback_penalty: float) -> float:
+                 apply_cost: float, rollback_penalty: float, value_floor: float = 0.0) -> float:
     """Net gain of one Predict phase per predicted step, in units of a full training step.
 
     ``value`` is q, the measured loss progress per predicted step relative to a real step. A kept
-    phase earns q; a rolled-back one loses ``rollback_penalty`` per step (schedule steps spent for
-    nothing). Both pay the compute the phase used: ``forwards`` no-grad forwards (probes and
-    monitoring) and ``horizon`` delta applications. Clipped to [-5, 5].
+    phase earns q - ``value_floor``: each predicted step takes the place of a real one in a run of
+    fixed length, so with a floor of 1 only steps worth more than a real step pay. A rolled-back one
+    loses ``rollback_penalty`` per step (schedule steps spent for nothing). Both pay the compute the
+    phase used: ``forwards`` no-grad forwards (probes and monitoring) and ``horizon`` delta
+    applications. Clipped to [-5, 5].
     """
     h = max(horizon, 1)
     cost = (forwards * forward_cost + h * apply_cost) / h
-    gain = value if kept else -rollback_penalty
+    gain = value - value_floor if kept else -rollback_penalty
     r = gain - cost
     return max(-5.0, min(5.0, r)) if math.isfinite(r) else -5.0
 

@@ -482,7 +482,7 @@ class HybridEngine:
             reward = max(-5.0, -forwards * cfg.bandit.forward_cost / max(start["horizon"], 1))
         else:
             reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
-                                  cfg.bandit.rollback_penalty)
+                                  cfg.bandit.rollback_penalty, cfg.bandit.value_floor)
         self.bandit.update(start["horizon"], start["features"], reward)
         self.state.record_phase_outcome(not kept, residual / scale if math.isfinite(residual) else 0.0, value)
         if refused:
@@ -493,7 +493,7 @@ class HybridEngine:
                 self._start_cooldown()
         else:
             self._refused_in_row = 0
-        if kept and value > 0:  # it helped: a longer horizon amortizes the probes better
+        if kept and value > cfg.bandit.value_floor:  # it paid: a longer horizon amortizes the probes better
             longer = [a for a in self.bandit.arms if a > self._horizon_cap]
             self._horizon_cap = min(longer, default=self._horizon_cap)
             self._cooldown_len = cfg.bandit.cooldown_steps

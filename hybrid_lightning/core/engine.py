@@ -225,7 +225,7 @@ class HybridEngine:
     def _begin_with_line_search(self, probe: Probe) -> PhaseResult | None:
         """Start the Predict phase now, with the predicted displacement scaled by the step length of
         ``config.line_search`` whose probe loss (on this real step's batch) is lowest. If none is lower
-        than not moving, refuse the phase before it takes a step: -> its result, and Correct follows."""
+        than not moving, refuse the phase before it takes a step: -> its result (see ``_refuse``)."""
         self._begin_predict()
         start, disp, traj = self._phase_start, self._displacement, self.trajectory
         assert start is not None and self.config.line_search is not None

@@ -307,7 +307,7 @@ def table(results: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for var, v in res["variants"].items():
-            skipped = v.get("equal_compute_run", v["equal_compute_steps"] < res["steps"])
+            skipped = v["equal_compute_run"]
             ctl = f"{v['final_val_equal_compute']:.4f}" if skipped else "same as baseline"
             speed_c = _fmt(v["speedup_vs_equal_compute"], ".2f") + "x" if skipped else "n/a (no step skipped)"
             rows.append(

@@ -478,8 +478,8 @@ class HybridEngine:
             self.dynamics.observe_residual(residual / scale)
         elif not kept and not refused:
             self.dynamics.observe_residual(10.0)
-        if refused:  # the trial forwards bought nothing; spread over the steps the phase would have run
-            reward = max(-5.0, -forwards * cfg.bandit.forward_cost / max(start["horizon"], 1))
+        if refused:  # only the trial forwards were spent, over the steps the phase would have run: no step lost
+            reward = phase_reward(0.0, False, start["horizon"], forwards, cfg.bandit.forward_cost, 0.0, 0.0)
         else:
             reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
                                   cfg.bandit.rollback_penalty, cfg.bandit.value_floor)

@@ -26,6 +26,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,10 @@ def _load(path: str) -> Any:
 
 
 def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dict | None, accelerator: str,
-          dynamics_factory: Any = None, *, seed: int = 0) -> Run:
-    """One run. ``seed`` sets the model's initialization and the data order (0 for every comparison run)."""
+          dynamics_factory: Any = None, *, seed: int = 0,
+          extra_callbacks: Callable[[HybridPredictiveTraining | None], list[Callback]] | None = None) -> Run:
+    """One run. ``seed`` sets the model's initialization and the data order (0 for every comparison run).
+    ``extra_callbacks(hybrid_callback_or_None)`` adds callbacks after the plugin's (measurement hooks)."""
     run = Run(kind, repeat, steps, lr)
     L.seed_everything(seed, verbose=False)
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
@@ -129,7 +132,8 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
     clock = Clock(run, cb, accelerator == "cuda")
     trainer = L.Trainer(
         max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if cb else "auto",
-        callbacks=[clock] + ([cb] if cb else []), val_check_interval=spec["eval_every"],
+        callbacks=[clock] + ([cb] if cb else []) + (extra_callbacks(cb) if extra_callbacks else []),
+        val_check_interval=spec["eval_every"],
         check_val_every_n_epoch=None, limit_val_batches=spec["val_batches"], num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=spec["_out"])

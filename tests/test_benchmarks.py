@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import dynamics_quality, predictor_value, regimes, time_to_loss
+from benchmarks import dynamics_quality, predictor_value, regimes, step_cost, time_to_loss
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -90,6 +90,17 @@ def test_predictor_value_runs_anchor_the_lasting_value(capsys):
     assert null["refused"] == 0 and null["median_step_length"] == 1.0  # the control is never line-searched
     assert tail["refused"] + tail["phases"] > 0 and tail["median_step_length"] in (None, 0.5, 2.0)
     assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out
+
+
+def test_step_cost_splits_every_step_of_the_hybrid_run_by_kind(tmp_path):
+    [r] = step_cost.main(["--quick", "--variant", "tail_average_every24", "--regime", "adamw_cosine",
+                          "--repeats", "1", "--out", str(tmp_path)])
+    kinds = r["kinds"]
+    assert sum(k["steps"] for k in kinds.values()) == r["steps"] == r["plain_steps"]
+    assert r["predicted_steps"] == kinds["predicted"]["steps"] + kinds["predicted, judged"]["steps"] > 0
+    starts, judged = kinds["real, starts phase"]["steps"], kinds["predicted, judged"]["steps"]
+    assert judged <= starts <= judged + 1  # every phase but one cut short by max_steps ends with a judgement
+    assert r["c_end_to_end"] is not None and "c (end to end)" in (tmp_path / "step_cost.md").read_text()
 
 
 def test_lasting_q_scales_the_null_runs_loss_to_the_runs_share_of_predicted_steps():

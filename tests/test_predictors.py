@@ -48,6 +48,23 @@ def test_dmd_extrapolates_linear_dynamics_and_cancels_oscillation():
     assert float(osc.predict_displacement(traj2, steps=2).norm()) < 1e-3 * float(v.norm())
 
 
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=4), st.integers(1, 5), st.integers(0, 2**16))
+def test_layer_grams_and_combinations_match_per_layer_dot_products(sizes, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    traj = Trajectory([torch.zeros(k) for k in sizes], TrajectoryConfig())
+    rows = torch.randn(n, traj.numel, generator=g)
+    grams = traj._layer_grams(rows)
+    for i in range(n):
+        for j in range(n):
+            # float32 sums in another order: equal up to rounding
+            torch.testing.assert_close(grams[:, i, j], traj._layer_dots(rows[i], rows[j]), rtol=1e-5, atol=1e-5)
+    weights = torch.randn(len(sizes), n, generator=g, dtype=torch.float64)
+    want = torch.zeros(traj.numel)
+    for j in range(n):
+        torch._foreach_add_(traj._views(want), traj._scale_layers(rows[j], weights[:, j].float()))
+    torch.testing.assert_close(traj._layer_combine(rows, weights), want)
+
+
 def test_tail_average_jumps_to_the_average_plus_its_drift():
     params = [torch.zeros(4)]
     traj = Trajectory(params, TrajectoryConfig(stride=1))

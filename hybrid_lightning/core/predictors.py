@@ -109,10 +109,11 @@ class DMDPredictor(_ParameterPredictor):
         snaps = list(self._snaps)
         if len(snaps) < 4:
             return None
-        diffs = [b - a for a, b in zip(snaps, snaps[1:])]  # x_0 .. x_m, per observation interval
+        diffs = snaps[0].new_empty(len(snaps) - 1, snaps[0].numel())  # rows x_0 .. x_m, per observation interval
+        for j, (a, b) in enumerate(zip(snaps, snaps[1:])):
+            torch.sub(b, a, out=diffs[j])
         m = len(diffs) - 1
-        k = torch.stack([torch.stack([trajectory._layer_dots(a, b) for b in diffs]) for a in diffs])  # [m+1,m+1,L]
-        k = k.permute(2, 0, 1)  # [L, m+1, m+1]
+        k = trajectory._layer_grams(diffs)  # [L, m+1, m+1]
         gx, xy, xlast = k[:, :m, :m], k[:, :m, 1:], k[:, :m, m]
         evals, evecs = torch.linalg.eigh(gx)  # ascending
         keep = evals > self.rcond * evals[:, -1:].clamp_min(1e-300)
@@ -130,11 +131,7 @@ class DMDPredictor(_ParameterPredictor):
             state = (a @ state[..., None]).squeeze(-1)
             total += state * (1.0 if i < k_full else frac)
         weights = (vs @ total[..., None]).squeeze(-1)  # [L, m]: displacement_l = sum_j w[l, j] * x_j
-        disp = torch.zeros_like(trajectory.current)
-        views = trajectory._views(disp)
-        for j in range(m):
-            torch._foreach_add_(views, trajectory._scale_layers(diffs[j], weights[:, j].float()))
-        return disp
+        return trajectory._layer_combine(diffs[:m], weights)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

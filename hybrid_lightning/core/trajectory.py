@@ -98,6 +98,15 @@ class Trajectory:
         dots = [x.dot(y) for x, y in zip(a.split(self.numels), b.split(self.numels))]
         return torch.stack(dots).double().cpu()
 
+    def _layer_grams(self, rows: Tensor) -> Tensor:
+        """[L, n, n] float64 per-layer Gram matrices of the n flat vectors in ``rows`` [n, numel]: one pass."""
+        return torch.stack([blk @ blk.T for blk in rows.split(self.numels, dim=1)]).double().cpu()
+
+    def _layer_combine(self, rows: Tensor, weights: Tensor) -> Tensor:
+        """Flat vector whose layer l is sum_j weights[l, j] * rows[j]_l (rows [n, numel], weights [L, n])."""
+        w = weights.to(device=rows.device, dtype=rows.dtype)
+        return torch.cat([w[i] @ blk for i, blk in enumerate(rows.split(self.numels, dim=1))])
+
     def _scale_layers(self, flat: Tensor, coeffs: Tensor) -> list[Tensor]:
         """Per layer: coeffs[l] * flat_l, as new tensors with the layer's shape (flat dtype)."""
         return torch._foreach_mul(self._views(flat), coeffs.tolist())

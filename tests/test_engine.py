@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hybrid_lightning import HybridConfig, NumericalError, Phase, PredictionDivergence, TrainingInstability
@@ -230,6 +232,34 @@ def test_engine_memory_is_bounded():
     while engine.phase is not Phase.FULL:
         run(model, opt, engine, engine.step, engine.step + 1)
     assert engine.counters["phases"] > 8 and nbytes(engine.state_dict()) == small
+
+
+def _unjudged(engine, res):
+    """Predicted steps that no phase judgement covers (the run ended inside a Predict phase)."""
+    judged = sum(r.phase_result.steps for r in res.reports if r.phase_result is not None)
+    return engine.counters["predicted_steps"] - judged
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(12, 70))
+def test_no_predict_phase_starts_that_could_not_be_judged_by_the_step_limit(limit):
+    model, opt, engine = make()
+    engine.step_limit = limit
+    res = run(model, opt, engine, 0, limit)
+    assert _unjudged(engine, res) == 0 and engine.phase is not Phase.PREDICT
+    assert engine.counters["phases"] == engine.counters["kept"] + engine.counters["rollbacks"]
+
+
+def test_without_a_step_limit_a_run_can_end_inside_a_predict_phase():
+    # the control for the property above: end a run one step into a phase of two or more steps
+    model, opt, engine = make()
+    res = run(model, opt, engine, 0, 200)
+    first = next(r.phase_result for r in res.reports if r.phase_result is not None and r.phase_result.horizon >= 2)
+    end = first.start_step + 1
+    for limit, unjudged in ((None, 1), (end, 0)):
+        model, opt, engine = make()
+        engine.step_limit = limit
+        assert _unjudged(engine, run(model, opt, engine, 0, end)) == unjudged
 
 
 def test_observe_requires_matching_plan():

@@ -91,6 +91,14 @@ def test_all_four_phases_and_predicted_steps_skip_backward_and_optimizer():
     assert cb.report.backward_skipped == steps["PREDICT"] and cb.report.backward_passes == spy.opt_calls
 
 
+@pytest.mark.parametrize("max_steps", [57, 64, 71])
+def test_a_fit_never_ends_inside_an_unjudged_predict_phase(max_steps):
+    tr, cb, spy, _ = fit(max_steps=max_steps)
+    assert cb.engine.step_limit == max_steps
+    assert sum(r.steps for r in cb.results) == cb.report.steps["PREDICT"] > 0
+    assert cb.engine.phase is not Phase.PREDICT
+
+
 def test_global_step_and_scheduler_advance_on_every_step():
     tr, cb, spy, model = fit(max_steps=90)
     sched = tr.lr_scheduler_configs[0].scheduler

@@ -127,7 +127,7 @@ def test_checkpoint_without_plugin_state_falls_back_to_a_fresh_engine_in_full(tm
 
     class Grab(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            seen["phase"] = cb.engine.phase
+            seen["phase"], seen["limit"] = cb.engine.phase, cb.engine.step_limit
             seen["weights"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
     torch.manual_seed(7)
@@ -135,6 +135,7 @@ def test_checkpoint_without_plugin_state_falls_back_to_a_fresh_engine_in_full(tm
     with caplog.at_level(logging.WARNING, logger="hybrid_lightning"):
         trainer([cb, Grab()], max_steps=40, strategy="hybrid").fit(StepData(), ckpt_path=str(tmp_path / "plain.ckpt"))
     assert seen["phase"] is Phase.FULL
+    assert seen["limit"] == 10  # the fresh engine counts from 0; 10 of the fit's 40 steps are left
     assert all(torch.equal(seen["weights"][k], v) for k, v in weights.items())
     assert "no HybridPredictiveTraining state" in caplog.text
 

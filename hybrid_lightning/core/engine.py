@@ -137,6 +137,10 @@ class HybridEngine:
         self._line_search = bool(cfg.line_search) and isinstance(self.dynamics, ParameterDynamics)
         self.phase_state: PhaseState = initial_state(self.limits)
         self.step = 0
+        # Steps this run takes in all, when the caller knows (the Lightning adapter sets it at each fit start).
+        # A Predict phase that could not end, and be judged, by then is not started: the run would otherwise
+        # end on predicted weights nobody checked. Not persisted: a resumed run may have another length.
+        self.step_limit: int | None = None
         self._plan: StepPlan | None = None
         self._prediction: Prediction | None = None
         self._displacement: Tensor | None = None  # whole-phase parameter change from a ParameterDynamics model
@@ -410,8 +414,11 @@ class HybridEngine:
         done = PhaseState(ps.phase, ps.steps_in_phase + 1, ps.horizon)
         conf = self.confidence()
         if ready_to_predict(done, conf, alarm, self.limits) and not self.dormant:
-            if self.step >= self._cooldown_until and self._horizon_cap > 0:
-                horizon = self.bandit.choose(self.state.features(), self._horizon_cap, prefer_long=self._line_search)
+            cap = self._horizon_cap
+            if self.step_limit is not None:
+                cap = min(cap, self.step_limit - self.step)  # predicted steps self.step .. self.step + h - 1
+            if self.step >= self._cooldown_until and cap > 0:
+                horizon = self.bandit.choose(self.state.features(), cap, prefer_long=self._line_search)
         return next_phase(ps, self.step, conf, alarm, horizon, self.limits)
 
     # ------------------------------------------------------------------ judging a phase

@@ -169,6 +169,15 @@ class HybridPredictiveTraining(Callback):
         self._open = None
         self._attach_progress_bar(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning knows this fit's length (max_steps, or epochs x batches; inf for unsized data): a Predict
+        # phase that could not end before it is not started. Counted from the engine's own step, which is
+        # behind global_step when the engine started fresh on a checkpoint without plugin state.
+        assert self.engine is not None
+        total = trainer.estimated_stepping_batches
+        self.engine.step_limit = (self.engine.step + int(total) - trainer.global_step if math.isfinite(total)
+                                  else None)
+
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.engine is not None
         version = state.get("version") if isinstance(state, dict) else None

@@ -23,6 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hybrid_lightning import HybridDDPStrategy, HybridPredictiveTraining, Phase  # noqa: E402
 from lightning_helpers import eager_config, nowcast_config  # noqa: E402
 
+# Barriers during training steps: the plugin's per-step all-reduces must not add any (Lightning's
+# ``strategy.reduce`` puts one before each all-reduce). Looked up at call time, so patching the module works.
+BARRIERS = {"counting": False, "n": 0}
+_barrier = torch.distributed.barrier
+
+
+def _counting_barrier(*args, **kwargs):
+    if BARRIERS["counting"]:
+        BARRIERS["n"] += 1
+    return _barrier(*args, **kwargs)
+
+
+torch.distributed.barrier = _counting_barrier
+
 
 class DDPModel(L.LightningModule):
     """Per-rank data that is a pure function of (epoch, batch_idx, rank); optional BatchNorm (plain, not
@@ -102,6 +116,12 @@ class Events(L.Callback):
     def __init__(self, cb, out, nan):
         self.cb, self.out, self.nan, self.rows = cb, out, nan, []
 
+    def on_train_start(self, trainer, pl_module):
+        BARRIERS["counting"] = True
+
+    def on_train_end(self, trainer, pl_module):
+        BARRIERS["counting"] = False
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         r = self.cb.engine.last_phase_result
         if r is not None and (not self.rows or self.rows[-1][0] != r.start_step):
@@ -117,6 +137,7 @@ class Events(L.Callback):
             "nan_step": getattr(self.nan, "step", None),
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "barriers_in_training": BARRIERS["n"],
         }, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
@@ -157,6 +178,9 @@ def main():
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=args.out)
     trainer.fit(model, ckpt_path=args.resume or None)
+    if args.launcher == "spawn":  # this is the main process; the fit ran in spawned children
+        torch.save({"steps": dict(cb.report.steps), "phases": len(cb.results), "kept": cb.report.kept_phases},
+                   Path(args.out) / "main.pt")
 
 
 if __name__ == "__main__":

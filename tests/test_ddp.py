@@ -46,6 +46,11 @@ def test_ranks_stay_bit_identical_through_all_phases(tmp_path, args):
     assert all(a["steps"][p] > 0 for p in ("WARMUP", "FULL", "PREDICT", "CORRECT")), a["steps"]
     assert a["counters"]["kept"] + a["counters"]["rollbacks"] == a["counters"]["phases"] > 0
     assert all(torch.isfinite(v).all() for v in a["params"].values())
+    assert a["barriers_in_training"] == 0  # one all-reduce per real step, no barrier
+    if "spawn" in args:  # the callback object in the main process reports what the children did
+        main = torch.load(tmp_path / "main.pt")
+        assert main["steps"] == a["steps"] and main["phases"] == len(a["phases"]) > 0
+        assert main["kept"] == a["counters"]["kept"]
 
 
 def test_nan_on_one_rank_rolls_back_both(tmp_path):

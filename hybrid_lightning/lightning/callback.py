@@ -235,7 +235,7 @@ class HybridPredictiveTraining(Callback):
         # non-finite losses are summed over processes, so every process skips (or not) the same update.
         parts = []
         if taken is not None:
-            parts.append(strategy.reduce(taken, reduce_op="sum"))
+            parts.append(strategy.hybrid_sum(taken))  # type: ignore[attr-defined]
         measure = step["plan"].measure_grad_norm
         if measure:
             # one read pass over the gradients, on observation steps only
@@ -280,7 +280,7 @@ class HybridPredictiveTraining(Callback):
         strategy = trainer.strategy
         value = step["loss_value"]  # real steps: read with the finiteness check, before the optimizer step
         if value is None and step["loss"] is not None:
-            value = float(strategy.reduce(step["loss"].clone(), reduce_op="mean"))
+            value = float(strategy.hybrid_sum(step["loss"].clone())) / trainer.world_size  # type: ignore[attr-defined]
         obs = StepObservation(loss=value, grad_norm=step["grad_norm"] if plan.measure_grad_norm else None,
                               skipped=step["skipped"])
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 
 from hybrid_lightning.core.engine import StepPlan
@@ -100,6 +101,14 @@ class HybridStrategyMixin:
         self.hybrid_apply(self.hybrid_plan)
         return None
 
+    def hybrid_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over processes, in place: one all-reduce. Lightning's ``reduce`` puts a barrier
+        before each all-reduce (with NCCL a second collective and a device sync); the all-reduce alone
+        already waits for every process."""
+        if getattr(self, "world_size", 1) > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     @torch.no_grad()
     def hybrid_probe(self, batch: Any, batch_idx: int) -> float:
         """Training loss of ``batch`` at the current parameters, averaged over processes; side-effect free.
@@ -123,7 +132,7 @@ class HybridStrategyMixin:
                 "training_step returned no loss during a probe; the plugin needs a loss tensor (or a dict with "
                 "'loss') on every step")
         loss = loss.detach().float().reshape(())
-        return float(self.reduce(loss.clone(), reduce_op="mean"))  # type: ignore[attr-defined]
+        return float(self.hybrid_sum(loss.clone())) / getattr(self, "world_size", 1)
 
 
 class HybridSingleDeviceStrategy(HybridStrategyMixin, SingleDeviceStrategy):
@@ -148,6 +157,34 @@ class HybridSingleDeviceStrategy(HybridStrategyMixin, SingleDeviceStrategy):
         return self._root_device
 
 
+def _hybrid_callback(trainer: Any) -> Any:
+    from hybrid_lightning.lightning.callback import HybridPredictiveTraining  # the callback imports this module
+
+    return next((c for c in trainer.callbacks if isinstance(c, HybridPredictiveTraining)), None)
+
+
+class _HybridMultiProcessingLauncher(_MultiProcessingLauncher):
+    """The spawn launcher, which also sends the plugin's report and phase results back to the main process.
+
+    With ``spawn`` the fit runs in child processes; without this, the callback object the user holds
+    would keep an empty report after ``trainer.fit`` returns."""
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        cb = _hybrid_callback(trainer)
+        if cb is not None:
+            extra["hybrid_lightning"] = {"report": cb.report, "results": list(cb.results)}  # plain dataclasses
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        cb, payload = _hybrid_callback(trainer), extra.get("hybrid_lightning")
+        if cb is not None and payload is not None:
+            cb.report = payload["report"]
+            cb.results.clear()
+            cb.results.extend(payload["results"])
+
+
 class HybridDDPStrategy(HybridStrategyMixin, DDPStrategy):
     """``strategy="hybrid_ddp"`` (``"hybrid_ddp_spawn"`` for the spawn launcher): DDP with predicted steps.
 
@@ -157,6 +194,11 @@ class HybridDDPStrategy(HybridStrategyMixin, DDPStrategy):
     """
 
     strategy_name = "hybrid_ddp"
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if type(self._launcher) is _MultiProcessingLauncher:
+            self._launcher = _HybridMultiProcessingLauncher(self, start_method=self._start_method)
 
     def teardown(self) -> None:
         super().teardown()

@@ -30,11 +30,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.regimes import REGIMES, regime_spec
-from benchmarks.time_to_loss import HERE, WORKLOADS, machine, train
+from benchmarks.regimes import REGIMES
+from benchmarks.time_to_loss import HERE, WORKLOADS, load_spec, machine, train
 from hybrid_lightning import HybridPredictiveTraining
 from hybrid_lightning.core.phases import Phase
 
@@ -87,11 +86,7 @@ def _timed(spec: dict, kind: str, steps: int, rep: int, hybrid: dict | None, acc
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
-    spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
-    if args.quick:
-        spec.update(spec.pop("quick"))
-    spec = regime_spec(spec, args.regime)
-    spec["_out"], spec["_regime"] = str(args.out), args.regime
+    spec = load_spec(name, args)
     overrides = dict(spec["hybrids"][args.variant] or {})
     overrides.pop("steps_factor", None)
     steps = args.steps or spec["steps"]

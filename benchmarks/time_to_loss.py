@@ -170,12 +170,18 @@ def _median(xs: list[float | None]) -> float | None:
     return statistics.median(xs)  # type: ignore[arg-type]
 
 
-def run_workload(name: str, args: argparse.Namespace) -> dict:
+def load_spec(name: str, args: argparse.Namespace) -> dict:
+    """The workload's spec with ``args.quick`` sizes and ``args.regime`` applied, writing to ``args.out``."""
     spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
     if args.quick:
         spec.update(spec.pop("quick"))
     spec = regime_spec(spec, args.regime)
     spec["_out"], spec["_regime"] = str(args.out), args.regime
+    return spec
+
+
+def run_workload(name: str, args: argparse.Namespace) -> dict:
+    spec = load_spec(name, args)
     lr = spec["lr"]
     sweep = []
     if args.tune:

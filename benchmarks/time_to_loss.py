@@ -119,7 +119,7 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
           dynamics_factory: Any = None, *, seed: int = 0,
           extra_callbacks: Callable[[HybridPredictiveTraining | None], list[Callback]] | None = None) -> Run:
     """One run. ``seed`` sets the model's initialization and the data order (0 for every comparison run).
-    ``extra_callbacks(hybrid_callback_or_None)`` adds callbacks after the plugin's (measurement hooks)."""
+    ``extra_callbacks(hybrid_callback_or_None)`` adds callbacks that run before the others (measurement hooks)."""
     run = Run(kind, repeat, steps, lr)
     L.seed_everything(seed, verbose=False)
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
@@ -132,7 +132,7 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
     clock = Clock(run, cb, accelerator == "cuda")
     trainer = L.Trainer(
         max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if cb else "auto",
-        callbacks=[clock] + ([cb] if cb else []) + (extra_callbacks(cb) if extra_callbacks else []),
+        callbacks=(extra_callbacks(cb) if extra_callbacks else []) + [clock] + ([cb] if cb else []),
         val_check_interval=spec["eval_every"],
         check_val_every_n_epoch=None, limit_val_batches=spec["val_batches"], num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

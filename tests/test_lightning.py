@@ -99,6 +99,29 @@ def test_a_fit_never_ends_inside_an_unjudged_predict_phase(max_steps):
     assert cb.engine.phase is not Phase.PREDICT
 
 
+class UnsizedData(TinyRegressor):
+    """A stream without a length: Lightning cannot know how many steps an epoch has."""
+
+    def train_dataloader(self):
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                g = torch.Generator().manual_seed(0)
+                for _ in range(80):
+                    x = torch.randn(32, 8, generator=g)
+                    yield x, torch.tanh(x[:, :2])
+
+        return torch.utils.data.DataLoader(Stream(), batch_size=None)
+
+
+def test_epoch_based_fits_get_a_step_limit_and_unsized_ones_none():
+    tr, cb, _, _ = fit(max_steps=-1, max_epochs=2)
+    assert cb.engine.step_limit == tr.global_step == tr.estimated_stepping_batches
+    assert sum(r.steps for r in cb.results) == cb.report.steps["PREDICT"] > 0
+    # unsized data: estimated_stepping_batches is max_steps (-1); no limit, and prediction still runs
+    tr, cb, _, _ = fit(model=UnsizedData(), max_steps=-1, max_epochs=1)
+    assert tr.global_step == 80 and cb.engine.step_limit is None and cb.report.steps["PREDICT"] > 0
+
+
 def test_global_step_and_scheduler_advance_on_every_step():
     tr, cb, spy, model = fit(max_steps=90)
     sched = tr.lr_scheduler_configs[0].scheduler

@@ -16,9 +16,10 @@ kept up to date algebraically instead of recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,18 @@ class RealUpdate:
     norm: float  # global norm of the per-step update
     cosine: float  # cosine between the update and basis direction 0 (0 before the first update)
     param_norm: float  # global parameter norm
+
+
+@contextlib.contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    """float32 matmuls in full precision: with Lightning's suggested "high" setting a GPU would use TF32
+    (10-bit mantissa), an error as large as the DMD fit's rank cutoff (1e-3)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 class Trajectory:
@@ -100,12 +113,14 @@ class Trajectory:
 
     def _layer_grams(self, rows: Tensor) -> Tensor:
         """[L, n, n] float64 per-layer Gram matrices of the n flat vectors in ``rows`` [n, numel]: one pass."""
-        return torch.stack([blk @ blk.T for blk in rows.split(self.numels, dim=1)]).double().cpu()
+        with _full_precision_matmul():
+            return torch.stack([blk @ blk.T for blk in rows.split(self.numels, dim=1)]).double().cpu()
 
     def _layer_combine(self, rows: Tensor, weights: Tensor) -> Tensor:
         """Flat vector whose layer l is sum_j weights[l, j] * rows[j]_l (rows [n, numel], weights [L, n])."""
         w = weights.to(device=rows.device, dtype=rows.dtype)
-        return torch.cat([w[i] @ blk for i, blk in enumerate(rows.split(self.numels, dim=1))])
+        with _full_precision_matmul():
+            return torch.cat([w[i] @ blk for i, blk in enumerate(rows.split(self.numels, dim=1))])
 
     def _scale_layers(self, flat: Tensor, coeffs: Tensor) -> list[Tensor]:
         """Per layer: coeffs[l] * flat_l, as new tensors with the layer's shape (flat dtype)."""

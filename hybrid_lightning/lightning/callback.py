@@ -170,13 +170,14 @@ class HybridPredictiveTraining(Callback):
         self._attach_progress_bar(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning knows this fit's length (max_steps, or epochs x batches; inf for unsized data): a Predict
-        # phase that could not end before it is not started. Counted from the engine's own step, which is
-        # behind global_step when the engine started fresh on a checkpoint without plugin state.
+        # Lightning knows this fit's length (max_steps, or epochs x batches): a Predict phase that could not
+        # end before it is not started. Counted from the engine's own step, which is behind global_step when
+        # the engine started fresh on a checkpoint without plugin state. Unknown lengths come back as inf, or
+        # as max_steps = -1 for unsized data with max_epochs: no limit then.
         assert self.engine is not None
         total = trainer.estimated_stepping_batches
-        self.engine.step_limit = (self.engine.step + int(total) - trainer.global_step if math.isfinite(total)
-                                  else None)
+        known = math.isfinite(total) and total >= 0
+        self.engine.step_limit = self.engine.step + int(total) - trainer.global_step if known else None
 
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.engine is not None

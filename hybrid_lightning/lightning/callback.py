@@ -281,7 +281,7 @@ class HybridPredictiveTraining(Callback):
         strategy = trainer.strategy
         value = step["loss_value"]  # real steps: read with the finiteness check, before the optimizer step
         if value is None and step["loss"] is not None:
-            value = float(strategy.hybrid_sum(step["loss"].clone())) / trainer.world_size  # type: ignore[attr-defined]
+            value = strategy.hybrid_mean(step["loss"])  # type: ignore[attr-defined]
         obs = StepObservation(loss=value, grad_norm=step["grad_norm"] if plan.measure_grad_norm else None,
                               skipped=step["skipped"])
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]

@@ -109,6 +109,10 @@ class HybridStrategyMixin:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def hybrid_mean(self, tensor: Tensor) -> float:
+        """The mean of ``tensor`` (a scalar) over processes, read to the host; ``tensor`` is left as it was."""
+        return float(self.hybrid_sum(tensor.detach().clone())) / getattr(self, "world_size", 1)
+
     @torch.no_grad()
     def hybrid_probe(self, batch: Any, batch_idx: int) -> float:
         """Training loss of ``batch`` at the current parameters, averaged over processes; side-effect free.
@@ -131,8 +135,7 @@ class HybridStrategyMixin:
             raise IncompatibleSetupError(
                 "training_step returned no loss during a probe; the plugin needs a loss tensor (or a dict with "
                 "'loss') on every step")
-        loss = loss.detach().float().reshape(())
-        return float(self.hybrid_sum(loss.clone())) / getattr(self, "world_size", 1)
+        return self.hybrid_mean(loss.float().reshape(()))
 
 
 class HybridSingleDeviceStrategy(HybridStrategyMixin, SingleDeviceStrategy):

@@ -74,7 +74,7 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
             "positive": sum(q > 0 for q in qs) / len(qs) if qs else None,
             "kept": cb.report.kept_phases, "thirds": thirds, "final_val": float(val["val_loss"]),
             "predicted_steps": cb.report.backward_skipped, "steps": n,
-            "refused": sum(r.reason == "line_search" for r in cb.results),
+            "refused": sum(r.refused for r in cb.results),
             "median_step_length": statistics.median(lengths) if lengths else None}
 
 

@@ -97,6 +97,11 @@ class PhaseResult:
     step_length: float = 1.0  # multiple of the predicted displacement applied (line_search; 0: refused)
 
     @property
+    def refused(self) -> bool:
+        """Refused by the line search before its first step: nothing moved, nothing was rolled back."""
+        return self.reason == "line_search"
+
+    @property
     def raw_value(self) -> float:
         """q measured on the probe before the keep/rollback decision (value is 0 for rolled-back phases)."""
         after = self.loss_uncorrected if self.kept else self.loss_after

@@ -35,7 +35,7 @@ class HybridMetrics:
         if math.isfinite(r.residual):
             self.residual.update(abs(r.residual))
         self.value.update(r.value)
-        self.rollbacks.update(0.0 if r.kept or r.reason == "line_search" else 1.0)
+        self.rollbacks.update(0.0 if r.kept or r.refused else 1.0)
         self.max_horizon.update(float(r.horizon))
 
     @staticmethod

@@ -232,8 +232,8 @@ class HybridPredictiveTraining(Callback):
         if step is None:
             return
         # One host transfer per real step, and no other: the loss for the engine, whether this update may
-        # reach the weights, and on observation steps the gradient norm. Under DDP the loss and the count of
-        # non-finite losses are summed over processes, so every process skips (or not) the same update.
+        # reach the weights, and on observation steps the gradient norm. Under DDP the loss is summed over
+        # processes, so a non-finite loss on any process makes every process skip the same update.
         parts = []
         if taken is not None:
             parts.append(strategy.hybrid_sum(taken))  # type: ignore[attr-defined]
@@ -244,11 +244,11 @@ class HybridPredictiveTraining(Callback):
             norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads
                     else torch.zeros((), device=strategy.root_device))
             parts.append(norm.reshape(1).to(parts[0].device) if parts else norm.reshape(1))
-        values = torch.cat(parts).tolist() if parts else []
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist() if parts else []
         finite = True
         if taken is not None:
             step["loss_value"] = values[0] / trainer.world_size
-            finite = values[1] == 0
+            finite = math.isfinite(values[0])
         if measure:
             finite = finite and math.isfinite(values[-1])
             if math.isfinite(values[-1]):

@@ -72,22 +72,23 @@ class HybridStrategyMixin:
         with torch.no_grad():
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
-    # Over the micro-batches of the current optimizer step, as tensors (no device sync): the sum of the
-    # (accumulation-normalized) losses and the count of non-finite ones. The callback reads both, with the
+    # Over the micro-batches of the current optimizer step, as a tensor (no device sync): the sum of the
+    # (accumulation-normalized) losses, non-finite if any of them is. The callback reads it, with the
     # gradient norm when it needs one, in a single transfer before the optimizer step.
-    hybrid_loss_stats: Tensor | None = None  # [loss sum, non-finite count]
+    hybrid_loss_stats: Tensor | None = None  # shape (1,)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self._predicting():
             return closure_loss
-        loss = closure_loss.detach().float().sum()
-        stats = torch.stack([loss, (~torch.isfinite(loss)).float()])
+        # no separate finiteness count: a NaN or inf term makes the sum non-finite (every kernel here is a
+        # launch on a GPU, where these small steps take a few milliseconds)
+        stats = closure_loss.detach().float().sum().reshape(1)
         prev = self.hybrid_loss_stats
         self.hybrid_loss_stats = stats if prev is None else prev + stats
         return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
 
     def hybrid_take_loss(self) -> Tensor | None:
-        """-> [loss sum, non-finite count] over this optimizer step's backward passes (None: none ran); resets."""
+        """-> [loss sum] over this optimizer step's backward passes (None: none ran); resets."""
         stats, self.hybrid_loss_stats = self.hybrid_loss_stats, None
         return stats
 

@@ -108,8 +108,17 @@ class Trajectory:
 
     def _layer_dots(self, a: Tensor, b: Tensor) -> Tensor:
         """[L] float64 per-layer dot products of two flat vectors (one read pass each)."""
-        dots = [x.dot(y) for x, y in zip(a.split(self.numels), b.split(self.numels))]
-        return torch.stack(dots).double().cpu()
+        return self._layer_dots_many([(a, b)])[0][0]
+
+    def _layer_dots_many(self, pairs: list[tuple[Tensor, Tensor]],
+                         scalars: tuple[Tensor, ...] = ()) -> tuple[Tensor, list[float]]:
+        """[n, L] float64 per-layer dot products of n pairs of flat vectors, and the values of ``scalars``
+        (0-d tensors), read to the host in one transfer: on a GPU each read waits for the device."""
+        dots = [torch.stack([x.dot(y) for x, y in zip(a.split(self.numels), b.split(self.numels))]) for a, b in pairs]
+        flat = torch.cat([torch.stack(dots).reshape(-1), *(t.reshape(1).to(dots[0].dtype) for t in scalars)])
+        host = flat.double().cpu()
+        n = len(pairs) * self.n_layers
+        return host[:n].view(len(pairs), self.n_layers), host[n:].tolist()
 
     def _layer_grams(self, rows: Tensor) -> Tensor:
         """[L, n, n] float64 per-layer Gram matrices of the n flat vectors in ``rows`` [n, numel]: one pass."""
@@ -159,7 +168,7 @@ class Trajectory:
             return torch.where(live, d0 / self._ema_sq.clamp_min(_TINY), torch.zeros_like(d0)).float()[:, None]
         basis = self.basis()
         g = self._gram(basis)
-        rhs = torch.stack([self._layer_dots(d, update) for d in basis], dim=1)  # [L, K]
+        rhs = self._layer_dots_many([(d, update) for d in basis])[0].T  # [L, K]
         scale = g.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_TINY)  # [L]
         ridge = 1e-6 * scale[:, None, None] * torch.eye(len(basis), dtype=torch.float64)
         coeffs = torch.linalg.solve(g + ridge, rhs.unsqueeze(-1)).squeeze(-1)
@@ -208,8 +217,8 @@ class Trajectory:
             update.div_(steps)
         self._prev, self._scratch = cur, update  # prev := current parameters (the sync)
         self._since_sync = 0
-        dot0 = self._layer_dots(update, self._ema)
-        sq = self._layer_dots(update, update)
+        (dot0, sq), (param_norm,) = self._layer_dots_many([(update, self._ema), (update, update)],
+                                                           (torch.linalg.vector_norm(cur),))
         coeffs = self.coefficients(update, dot0)
         den = math.sqrt(float(sq.sum()) * float(self._ema_sq.sum()))
         cos = float(dot0.sum()) / den if self.has_basis and den > 0 else 0.0
@@ -228,7 +237,6 @@ class Trajectory:
             self._ema_sq = self._layer_dots(self._ema, self._ema)  # drop the recursion's rounding drift
             if self._pcs is not None:
                 self._refresh_principal_directions()
-        param_norm = float(torch.linalg.vector_norm(cur))
         return RealUpdate(coeffs, layer_norms.float(), float(sq.sum()) ** 0.5, cos, param_norm)
 
     def sync(self) -> None:

@@ -47,6 +47,15 @@ class StepTimer(Callback):
         self.hybrid = hybrid
         self.seconds: dict[str, list[float]] = defaultdict(list)
         self._t: float | None = None
+        self._cuda = False
+
+    def on_train_start(self, trainer, pl_module):
+        self._cuda = pl_module.device.type == "cuda"
+
+    def _now(self) -> float:
+        if self._cuda:  # a step's kernels are charged to the step that queued them
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def _kind(self) -> str:
         report = self.hybrid.last_report if self.hybrid is not None else None
@@ -60,12 +69,12 @@ class StepTimer(Callback):
 
     def _close(self) -> None:
         if self._t is not None:
-            self.seconds[self._kind()].append(time.perf_counter() - self._t)
+            self.seconds[self._kind()].append(self._now() - self._t)
             self._t = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._close()
-        self._t = time.perf_counter()
+        self._t = self._now()
 
     def on_validation_start(self, trainer, pl_module):
         self._close()  # the step before validation still counts; the validation itself does not
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=0, help="steps per run (0: the workload's)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
-    p.add_argument("--accelerator", default="cpu", choices=["cpu"])
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results" / "step_cost")
     args = p.parse_args(argv)

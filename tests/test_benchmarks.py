@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import dynamics_quality, predictor_value, regimes, step_cost, time_to_loss
+from benchmarks import dynamics_quality, hook_profile, predictor_value, regimes, step_cost, time_to_loss
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -90,6 +90,15 @@ def test_predictor_value_runs_anchor_the_lasting_value(capsys):
     assert null["refused"] == 0 and null["median_step_length"] == 1.0  # the control is never line-searched
     assert tail["refused"] + tail["phases"] > 0 and tail["median_step_length"] in (None, 0.5, 2.0)
     assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out
+
+
+def test_hook_profile_times_the_plugins_hooks_only_where_the_plugin_runs():
+    out = hook_profile.main(["--workloads", "mlp", "--steps", "80"])["mlp"]
+    assert set(out) == {"plain", "monitor_only", "never_confident"}
+    assert list(out["plain"]) == ["run_training_batch"]
+    for mode in ("monitor_only", "never_confident"):
+        hooks = {k.split(".")[-1]: v for k, v in out[mode].items()}
+        assert hooks["on_train_batch_end"] > 0 and hooks["on_before_optimizer_step"] > 0
 
 
 def test_step_cost_splits_every_step_of_the_hybrid_run_by_kind(tmp_path):

@@ -83,7 +83,7 @@ class BanditConfig:
     apply_cost: float = 0.005  # cost of composing and applying one predicted delta, in full-step units
     rollback_penalty: float = 1.0  # reward per rolled-back predicted step (a lost schedule step)
     value_floor: float = 1.0  # q a kept phase must beat to pay: with max_steps fixed, q < 1 costs final loss
-    cooldown_steps: int = 100  # full steps without prediction once the horizon cap reaches 0 (doubles)
+    cooldown_steps: int = 100  # full steps without prediction once the horizon cap reaches 0 (doubles; 0: none)
     dormant_after: int = 100  # steps past min_full_steps with no Predict phase before the dynamics sleep (0: never)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from hybrid_lightning import HybridConfig
 from hybrid_lightning.config import TrajectoryConfig
 from hybrid_lightning.core.dynamics import ParameterDynamics, make_dynamics
-from hybrid_lightning.core.engine import HybridEngine, StepObservation
+from hybrid_lightning.core.engine import HybridEngine, StepObservation, StepReport
 from hybrid_lightning.core.phases import Phase
 from hybrid_lightning.core.predictors import DMDPredictor, NullPredictor, TailAverage
 from hybrid_lightning.core.trajectory import Trajectory
@@ -261,6 +261,22 @@ def test_refusals_cost_forwards_not_steps_and_enough_in_a_row_start_a_cooldown()
     assert engine._cooldown_until == results[-1].start_step + 50 and engine.horizon_cap == 8
     # nothing moved, so observation goes on: the stride was not restarted by the refusals
     assert engine.trajectory.real_updates == (engine.counters["real_steps"] - 0) // 4
+    # and nothing was rolled back: neither the report nor the rollback-rate feature counts a refusal
+    assert not StepReport(results[0].start_step, Phase.FULL, Phase.FULL, phase_result=results[0]).rolled_back
+    assert engine.state._rollback_rate.value == 0.0
+
+
+def test_cooldown_steps_zero_means_no_cooldown():
+    """Forced research schedules (cooldown_steps 0) start a phase every cycle, however many are refused."""
+    target = torch.linspace(1.0, 2.0, 5)
+    cfg = HybridConfig(warmup_steps=3, min_full_steps=2, max_predict_steps=8, predict_threshold=0.0,
+                       predictor="null", line_search=[1.0, 2.0])
+    cfg.bandit.cooldown_steps = 0
+    w = nn.Parameter(torch.zeros(5))
+    engine = HybridEngine([w], cfg, dynamics=_TowardTarget(target, -0.5))  # always refused
+    results, _ = _drive(engine, w, target, 60)
+    gaps = {b.start_step - a.start_step for a, b in zip(results, results[1:])}
+    assert len(results) >= 10 and len(gaps) == 1
 
 
 def test_a_line_search_refuses_a_phase_with_nothing_predicted_without_probing():

@@ -119,7 +119,8 @@ class StepReport:
 
     @property
     def rolled_back(self) -> bool:
-        return self.phase_result is not None and not self.phase_result.kept
+        r = self.phase_result
+        return r is not None and not r.kept and not r.refused  # a refused phase never moved the weights
 
 
 class HybridEngine:
@@ -496,7 +497,8 @@ class HybridEngine:
             reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
                                   cfg.bandit.rollback_penalty, cfg.bandit.value_floor)
         self.bandit.update(start["horizon"], start["features"], reward)
-        self.state.record_phase_outcome(not kept, residual / scale if math.isfinite(residual) else 0.0, value)
+        self.state.record_phase_outcome(not kept and not refused, residual / scale if math.isfinite(residual) else 0.0,
+                                        value)
         if refused:
             # its horizon did not make it bad: keep the horizon, but as many refusals in a row as it takes
             # rejected phases to shrink the cap to 0 start the same doubling cooldown
@@ -557,7 +559,7 @@ class HybridEngine:
     def _start_cooldown(self) -> None:
         """No Predict phase for a cooldown (doubling each time); after it, probe again."""
         self._cooldown_until = self.step + self._cooldown_len
-        self._cooldown_len = max(2 * self._cooldown_len, 1)
+        self._cooldown_len *= 2  # bandit.cooldown_steps = 0: no cooldown, ever
         self._refused_in_row = 0
         self._horizon_cap = self._first_horizon_cap()
 

@@ -71,7 +71,7 @@ def profile(spec: dict, mode: str, steps: int, accelerator: str) -> tuple[dict[s
     if hybrid is not None:
         callbacks.append(HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False))
     prof = SimpleProfiler(dirpath=tempfile.mkdtemp(), filename="profile")  # its summary to a file, not stdout
-    L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid else "auto",
+    L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid is not None else "auto",
               callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, logger=False, profiler=prof,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, data)
     hooks = {}

@@ -277,6 +277,12 @@ def test_cooldown_steps_zero_means_no_cooldown():
     results, _ = _drive(engine, w, target, 60)
     gaps = {b.start_step - a.start_step for a, b in zip(results, results[1:])}
     assert len(results) >= 10 and len(gaps) == 1
+    # a state saved while 0 still grew from 1 (before be6a088) resumes without a cooldown
+    sd = engine.state_dict()
+    sd["cooldown"] = [engine.step + 64, 128]
+    fresh = HybridEngine([w], cfg, dynamics=_TowardTarget(target, -0.5))
+    fresh.load_state_dict(sd)
+    assert (fresh._cooldown_until, fresh._cooldown_len) == (0, 0)
 
 
 def test_a_line_search_refuses_a_phase_with_nothing_predicted_without_probing():

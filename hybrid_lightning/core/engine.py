@@ -628,6 +628,8 @@ class HybridEngine:
         self._block_loss, self._block_count, self._last_block_loss = sd["block"]
         self._horizon_cap = int(sd["horizon_cap"])
         self._cooldown_until, self._cooldown_len = (int(x) for x in sd["cooldown"])
+        if self.config.bandit.cooldown_steps == 0:  # no cooldown, also for states saved when 0 still grew from 1
+            self._cooldown_until, self._cooldown_len = 0, 0
         # absent from states written before dormancy existed: awake from here on
         base = self.config.bandit.dormant_after
         self._awake_since, self._dormant_until, self._dormant_len = (

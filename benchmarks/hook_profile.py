@@ -71,9 +71,14 @@ def profile(spec: dict, mode: str, steps: int, accelerator: str) -> tuple[dict[s
     if hybrid is not None:
         callbacks.append(HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False))
     prof = SimpleProfiler(dirpath=tempfile.mkdtemp(), filename="profile")  # its summary to a file, not stdout
-    L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid is not None else "auto",
-              callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, logger=False, profiler=prof,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+    try:
+        L.Trainer(max_steps=steps, accelerator=accelerator, devices=1,
+                  strategy="hybrid" if hybrid is not None else "auto", callbacks=callbacks, limit_val_batches=0,
+                  num_sanity_val_steps=0, logger=False, profiler=prof, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+    finally:
+        if syncs._cm is not None:  # the fit raised inside the counted steps
+            syncs._stop()
     hooks = {}
     for action, d in prof.recorded_durations.items():
         if len(d) >= steps - 1 and ("[Callback]Hybrid" in action or action == "run_training_batch"):
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
+    if args.steps < 2 * SKIP:
+        p.error(f"--steps must be at least {2 * SKIP}: the first {SKIP} steps are warm-up")
     torch.set_num_threads(1)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name in args.workloads:

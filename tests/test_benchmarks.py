@@ -93,7 +93,7 @@ def test_predictor_value_runs_anchor_the_lasting_value(capsys):
 
 
 def test_hook_profile_times_the_plugins_hooks_only_where_the_plugin_runs():
-    out = hook_profile.main(["--workloads", "mlp", "--steps", "80"])["mlp"]
+    out = hook_profile.main(["--workloads", "mlp", "--steps", "100"])["mlp"]
     assert set(out) == {"plain", "monitor_only", "never_confident"}
     assert list(out["plain"]) == ["run_training_batch"]
     for mode in ("monitor_only", "never_confident"):

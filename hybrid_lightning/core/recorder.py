@@ -59,8 +59,8 @@ class TrajectoryRecorder:
         # the real update since each pending interval, projected on the basis that was current then
         for p in self._pending:
             real = theta - p["theta"]
-            dots = torch.stack([self.trajectory._layer_dots(d, real) for d in p["basis"]], dim=1).float()
-            sq = self.trajectory._layer_dots(real, real).float()
+            both, _ = self.trajectory._layer_dots_many([(d, real) for d in p["basis"]] + [(real, real)])
+            dots, sq = both[:-1].T.float(), both[-1].float()  # one read of the device
             self.records[p["index"]]["future"].append({"dots": dots, "sq": sq})
         basis = [d.clone() for d in self.trajectory.basis()]
         self.records.append({

@@ -147,12 +147,12 @@ class Trajectory:
     def _gram(self, basis: list[Tensor]) -> Tensor:
         """[L, K, K] per-layer Gram matrices of the basis."""
         k = len(basis)
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        dots, _ = self._layer_dots_many([(basis[i], basis[j]) for i, j in pairs])
         g = torch.zeros(self.n_layers, k, k, dtype=torch.float64)
-        for i in range(k):
-            for j in range(i, k):
-                d = self._layer_dots(basis[i], basis[j])
-                g[:, i, j] = d
-                g[:, j, i] = d
+        for (i, j), d in zip(pairs, dots):
+            g[:, i, j] = d
+            g[:, j, i] = d
         return g
 
     def coefficients(self, update: Tensor, dot0: Tensor | None = None) -> Tensor:
@@ -251,7 +251,8 @@ class Trajectory:
 
     def basis_norms(self) -> Tensor:
         """[L, K] norm of each basis direction per layer."""
-        norms = [self._ema_sq] + [self._layer_dots(d, d) for d in self.basis()[1:]]
+        rest = self.basis()[1:]
+        norms = [self._ema_sq] + (list(self._layer_dots_many([(d, d) for d in rest])[0]) if rest else [])
         return torch.stack(norms, dim=1).clamp_min(0).sqrt().float()
 
     # ------------------------------------------------------------------ deltas

@@ -165,7 +165,7 @@ class HybridPredictiveTraining(Callback):
         assert isinstance(strategy, HybridStrategyMixin)
         strategy.hybrid_apply = self.engine.apply
         strategy.hybrid_plan = None
-        strategy.hybrid_loss_stats = None  # from an interrupted fit, between a backward and its optimizer step
+        strategy.hybrid_loss_sum = None  # from an interrupted fit, between a backward and its optimizer step
         self._open = None
         self._attach_progress_bar(trainer)
 

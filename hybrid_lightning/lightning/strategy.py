@@ -75,22 +75,22 @@ class HybridStrategyMixin:
     # Over the micro-batches of the current optimizer step, as a tensor (no device sync): the sum of the
     # (accumulation-normalized) losses, non-finite if any of them is. The callback reads it, with the
     # gradient norm when it needs one, in a single transfer before the optimizer step.
-    hybrid_loss_stats: Tensor | None = None  # shape (1,)
+    hybrid_loss_sum: Tensor | None = None  # shape (1,)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self._predicting():
             return closure_loss
         # no separate finiteness count: a NaN or inf term makes the sum non-finite (every kernel here is a
         # launch on a GPU, where these small steps take a few milliseconds)
-        stats = closure_loss.detach().float().sum().reshape(1)
-        prev = self.hybrid_loss_stats
-        self.hybrid_loss_stats = stats if prev is None else prev + stats
+        loss = closure_loss.detach().float().sum().reshape(1)
+        prev = self.hybrid_loss_sum
+        self.hybrid_loss_sum = loss if prev is None else prev + loss
         return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
 
     def hybrid_take_loss(self) -> Tensor | None:
         """-> [loss sum] over this optimizer step's backward passes (None: none ran); resets."""
-        stats, self.hybrid_loss_stats = self.hybrid_loss_stats, None
-        return stats
+        loss, self.hybrid_loss_sum = self.hybrid_loss_sum, None
+        return loss
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if not self._predicting():

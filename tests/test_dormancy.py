@@ -78,6 +78,8 @@ def train(model, opt, engine, start, stop, smooth=False):
         norm = float(grads) if plan.measure_grad_norm else None
         value = 1.0 / (1 + i) if smooth else float(loss.detach())
         engine.observe(StepObservation(loss=value, grad_norm=1.0 if smooth and norm is not None else norm))
+        if engine.dormant:  # asleep: the trajectory holds no previous parameters (nothing reads them)
+            assert not engine.trajectory.tracking
     return dormant
 
 
@@ -249,3 +251,64 @@ def test_state_without_dormancy_loads_awake_from_its_step():
     assert not fresh.dormant
     # awake for min_full + dormant_after steps from the step it resumed at, then asleep
     assert windows(train(m2, o2, fresh, 40, 100))[0][0] == 40 + 6 + 20
+
+
+def _param_sized(sd, numel):
+    """Tensors in a (nested) state dict with at least ``numel`` elements."""
+    if isinstance(sd, torch.Tensor):
+        return [sd] if sd.numel() >= numel else []
+    if isinstance(sd, dict):
+        return [t for v in sd.values() for t in _param_sized(v, numel)]
+    if isinstance(sd, (list, tuple)):
+        return [t for v in sd for t in _param_sized(v, numel)]
+    return []
+
+
+def test_a_dormant_engine_frees_the_trajectory_buffers_and_a_parameter_predictors_history():
+    class _IdleDMD(DMDPredictor):
+        def confidence(self):
+            return 0.0
+
+    model, opt, engine, _ = make(dormant_after=20)
+    dmd = _IdleDMD(4, 1)
+    engine.dynamics = dmd
+    train(model, opt, engine, 0, 35)
+    assert engine.trajectory.tracking and len(dmd._snaps) > 0
+    train(model, opt, engine, 35, 40)  # asleep from 36 to 56
+    assert engine.dormant and not engine.trajectory.tracking and len(dmd._snaps) == 0
+    assert engine.trajectory._scratch is None and engine.state_dict()["trajectory"]["prev"] is None
+    train(model, opt, engine, 40, 70)  # awake again: tracks and snapshots from the wake-up on
+    assert not engine.dormant and engine.trajectory.tracking and len(dmd._snaps) > 0
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(engine.trajectory.current, flat)  # 70 is a stride boundary: read just now
+
+
+def test_monitor_only_holds_no_parameter_sized_buffers_and_resumes_into_prediction():
+    def wide(threshold):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 512), nn.Tanh(), nn.Linear(512, 2))  # larger than any other state
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        cfg = config(dormant_after=0)
+        cfg.predict_threshold = threshold
+        dyn = _NeverConfident(4, cfg.trajectory.basis_rank)
+        engine = HybridEngine(list(model.parameters()), cfg, dynamics=dyn)
+        dyn.engine = engine
+        return model, opt, engine, dyn
+
+    model, opt, engine, _ = wide(1.0)  # monitor only
+    numel = sum(p.numel() for p in model.parameters())
+    assert not engine.prediction_enabled
+    train(model, opt, engine, 0, 100)
+    assert not engine.trajectory.tracking and _param_sized(engine.state_dict(), numel) == []
+    # the same state resumed with prediction on: it tracks from the first stride and observes after that
+    m2, o2, e2, d2 = wide(0.5)
+    m2.load_state_dict(model.state_dict())
+    o2.load_state_dict(opt.state_dict())
+    e2.load_state_dict(engine.state_dict())
+    assert not e2.trajectory.tracking and e2.plan().runs_backward
+    train(m2, o2, e2, 100, 102)  # stride 2: the first boundary starts tracking, reads nothing
+    assert e2.trajectory.tracking and d2.observed_at == []
+    train(m2, o2, e2, 102, 140)
+    assert d2.observed_at and d2.observed_at[0] >= 104
+    # an awake engine's state holds its previous parameters and mean update, each one number per parameter
+    assert len(_param_sized(e2.state_dict(), numel)) == 2

@@ -222,6 +222,7 @@ def test_engine_memory_is_bounded():
     cfg = eager_config()
     cfg.residuals.capacity = 8
     cfg.divergence.window = 20
+    cfg.bandit.dormant_after = 0  # awake throughout: every buffer in use at both measurements
     model, opt, engine = make(config=cfg)
     run(model, opt, engine, 0, 150)
     engine.plan()

@@ -152,3 +152,38 @@ def test_state_dict_round_trip_and_shape_check():
     wrong = Trajectory([torch.zeros(2, 2)])
     with pytest.raises(ValueError, match="other shapes"):
         wrong.load_state_dict(traj.state_dict())
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_release_frees_the_tracking_buffers_and_sync_tracks_again(rank):
+    params = make_params()
+    cfg = TrajectoryConfig(stride=1, basis_rank=rank, window=4 if rank > 1 else 0)
+    idle = Trajectory(params, cfg, track=False)
+    assert not idle.tracking and idle._ema is None and idle._window is None and idle.state_dict()["prev"] is None
+    traj = Trajectory(params, cfg)
+    for s in range(3):
+        step(params, s)
+        traj.step_taken()
+        traj.record_real()
+    ema = traj.basis()[0].clone()
+    traj.release()
+    assert not traj.tracking and traj._scratch is None
+    with pytest.raises(RuntimeError, match="sync"):
+        traj.record_real()
+    with pytest.raises(RuntimeError, match="sync"):
+        _ = traj.current
+    step(params, 7, scale=10.0)  # a change nobody observed is not read as an update after the next sync
+    sd = traj.state_dict()
+    back = Trajectory(params, cfg, track=False)
+    back.load_state_dict(sd)
+    for t in (traj, back):
+        assert not t.tracking and torch.equal(t.basis()[0], ema)  # the mean update survives
+        t.sync()
+        assert t.tracking and torch.equal(t.current, torch.cat([p.detach().reshape(-1) for p in params]))
+        step(params, 8)
+        t.step_taken()
+        upd = t.record_real()
+        assert upd.norm < 1.0  # one step's update (about 0.07 here), not the unobserved jump as well
+    traj.snapshot()
+    with pytest.raises(RuntimeError, match="snapshot"):
+        traj.release()

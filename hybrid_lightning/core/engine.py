@@ -132,7 +132,8 @@ class HybridEngine:
         self.config = cfg = (config or HybridConfig()).validate()
         self.limits = PhaseLimits(cfg.warmup_steps, cfg.min_full_steps, cfg.max_predict_steps, cfg.correct_steps,
                                   cfg.predict_threshold)
-        self.trajectory = Trajectory(params, cfg.trajectory, names=names, buffers=buffers)
+        # parameter-sized buffers only once something will observe (never in monitor-only mode)
+        self.trajectory = Trajectory(params, cfg.trajectory, names=names, buffers=buffers, track=False)
         L, K = self.trajectory.n_layers, self.trajectory.rank
         self.state = TrainingState(history=max(cfg.divergence.window, 2))
         self.dynamics: DynamicsModel = dynamics or make_dynamics(cfg.predictor, L, K, cfg.dynamics, cfg.seed)
@@ -170,6 +171,8 @@ class HybridEngine:
         self.last_phase_result: PhaseResult | None = None
         self._events: list[HybridTrainingError] = []  # raised since the last report
         self._unreported: PhaseResult | None = None  # judged inside plan(), reported by the next observe()
+        if self.prediction_enabled:
+            self.trajectory.sync()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -355,9 +358,12 @@ class HybridEngine:
         if self.dormant:
             self.counters["dormant_steps"] += 1
         if self.trajectory.step_taken():
-            if not self.prediction_enabled or self.dormant:
-                # nothing will be predicted for a while: monitor only, skip the trajectory and the dynamics model
-                self.trajectory.skip_observation()
+            if not self.prediction_enabled or self.dormant or not self.trajectory.tracking:
+                if self.prediction_enabled and not self.dormant:
+                    self._resync()  # a state saved while not tracking, resumed with prediction on: track from here
+                else:
+                    # nothing will be predicted for a while: monitor only, skip the trajectory and the dynamics model
+                    self.trajectory.skip_observation()
                 self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm)
                 return div
             upd = self.trajectory.record_real()
@@ -399,7 +405,8 @@ class HybridEngine:
             # wake: the parameters moved while nobody looked; observe afresh from here
             self._dormant_until = 0
             self._awake_since = self.step
-            self._resync()
+            if self.prediction_enabled:  # else it only monitors from here, without the trajectory's buffers
+                self._resync()
             restart = getattr(self.dynamics, "restart", None)
             if callable(restart):
                 restart()
@@ -413,13 +420,24 @@ class HybridEngine:
             self._dormant_until = max(self.step + self._dormant_len, self._cooldown_until)
             self._dormant_len = min(2 * self._dormant_len, 32 * base)
             self.counters["dormant_periods"] += 1
+            self._release_while_idle()
         return False
+
+    def _release_while_idle(self) -> None:
+        """Free the parameter-sized buffers that nothing reads while the engine only monitors: the
+        trajectory's previous parameters and scratch, a parameter predictor's snapshot history (both
+        start afresh when the engine wakes)."""
+        if self.trajectory.has_snapshot:
+            return
+        self.trajectory.release()
+        if isinstance(self.dynamics, ParameterDynamics):
+            self.dynamics.restart()
 
     def _next_after_real(self, ps: PhaseState, alarm: bool) -> PhaseState:
         horizon = 0
         done = PhaseState(ps.phase, ps.steps_in_phase + 1, ps.horizon)
         conf = self.confidence()
-        if ready_to_predict(done, conf, alarm, self.limits) and not self.dormant:
+        if ready_to_predict(done, conf, alarm, self.limits) and not self.dormant and self.trajectory.tracking:
             cap = self._horizon_cap
             if self.step_limit is not None:
                 cap = min(cap, self.step_limit - self.step)  # predicted steps self.step .. self.step + h - 1
@@ -638,3 +656,5 @@ class HybridEngine:
         self._refused_in_row = int(sd.get("refused_in_row", 0))
         self.counters.update({k: int(v) for k, v in sd["counters"].items()})
         self._plan = None
+        if not self.prediction_enabled or self.dormant:
+            self._release_while_idle()

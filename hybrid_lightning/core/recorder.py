@@ -55,7 +55,7 @@ class TrajectoryRecorder:
         block = self._block_loss / max(self._block_n, 1)
         delta = (block - self._last_block) / self.stride if self._last_block is not None else float("nan")
         self._last_block, self._block_loss, self._block_n = block, 0.0, 0
-        theta = self.trajectory._prev  # the parameters now (record_real just synced)
+        theta = self.trajectory.current  # the parameters now (record_real just synced)
         # the real update since each pending interval, projected on the basis that was current then
         for p in self._pending:
             real = theta - p["theta"]

@@ -12,6 +12,10 @@ a window of recent real updates, per layer, scaled to the typical update size.
 Reading a real update costs about six passes over the parameters (flatten, subtract, two per-layer
 dot products, the EMA update), every ``stride`` real steps; the per-layer norms of direction 0 are
 kept up to date algebraically instead of recomputed.
+
+Memory: the previous parameters, a scratch buffer and the mean update, each one number per parameter,
+exist only while something observes. ``track=False`` allocates none of them (monitor-only), and
+``release()`` frees the first two while the engine is dormant; ``sync()`` allocates what is missing.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class Trajectory:
     """Tracks the parameters' real trajectory and applies predicted deltas to them."""
 
     def __init__(self, params: Sequence[Tensor], config: TrajectoryConfig | None = None,
-                 names: Sequence[str] | None = None, buffers: Sequence[Tensor] = ()) -> None:
+                 names: Sequence[str] | None = None, buffers: Sequence[Tensor] = (), track: bool = True) -> None:
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("Trajectory needs at least one parameter tensor")
@@ -80,21 +84,22 @@ class Trajectory:
         self.numel = sum(self.numels)
         self.n_layers = len(self.params)
         self.rank = self.config.basis_rank
-        kw = {"device": self.device, "dtype": self.flat_dtype}
-        self._prev = self._flatten()
-        self._scratch = torch.empty(self.numel, **kw)
-        self._ema = torch.zeros(self.numel, **kw)  # bias-corrected: the mean real per-step update
+        # parameter-sized buffers, allocated by sync() (None: not allocated, or released)
+        self._prev: Tensor | None = None  # the parameters at the last sync
+        self._scratch: Tensor | None = None
+        self._ema: Tensor | None = None  # bias-corrected: the mean real per-step update
         self._ema_weight = 0.0
         self._ema_sq = torch.zeros(self.n_layers, dtype=torch.float64)  # per-layer ||ema||^2
-        w = self.config.window if self.rank > 1 else 0
-        self._window = torch.zeros(w, self.numel, **kw) if w else None
+        self._window: Tensor | None = None  # [window, numel] recent updates (basis_rank > 1)
         self._window_count = 0
-        self._pcs = torch.zeros(self.rank - 1, self.numel, **kw) if self.rank > 1 else None
+        self._pcs: Tensor | None = None  # [rank - 1, numel] principal directions (basis_rank > 1)
         self._max_norms = torch.zeros(self.n_layers, dtype=torch.float64)
         self.real_updates = 0
         self._since_sync = 0
         self._snapshot: Tensor | None = None
         self._snapshot_buffers: list[Tensor] | None = None
+        if track:
+            self.sync()
 
     # ------------------------------------------------------------------ flat helpers
     def _flatten(self, out: Tensor | None = None) -> Tensor:
@@ -140,8 +145,20 @@ class Trajectory:
     def has_basis(self) -> bool:
         return self._ema_weight > 0
 
+    def _allocate_basis(self) -> None:
+        kw = {"device": self.device, "dtype": self.flat_dtype}
+        if self._ema is None:
+            self._ema = torch.zeros(self.numel, **kw)
+        if self.rank > 1:
+            if self._pcs is None:
+                self._pcs = torch.zeros(self.rank - 1, self.numel, **kw)
+            if self._window is None and self.config.window:
+                self._window = torch.zeros(self.config.window, self.numel, **kw)
+
     def basis(self) -> list[Tensor]:
         """The K flat basis directions (direction 0 = mean real per-step update). Views, not copies."""
+        self._allocate_basis()
+        assert self._ema is not None
         return [self._ema] + ([*self._pcs] if self._pcs is not None else [])
 
     def _gram(self, basis: list[Tensor]) -> Tensor:
@@ -210,6 +227,9 @@ class Trajectory:
 
     def record_real(self) -> RealUpdate:
         """Read the real update since the last sync (per step), add it to the basis, resync."""
+        if self._prev is None:
+            raise RuntimeError("record_real() after release(): sync() first, then observe from there")
+        assert self._ema is not None
         steps = max(self._since_sync, 1)
         cur = self._flatten(out=self._scratch)
         update = torch.sub(cur, self._prev, out=self._prev)  # the old theta is not needed any more
@@ -240,9 +260,27 @@ class Trajectory:
         return RealUpdate(coeffs, layer_norms.float(), float(sq.sum()) ** 0.5, cos, param_norm)
 
     def sync(self) -> None:
-        """Forget the parameter change since the last sync (after predicted steps, rollback, corrections)."""
-        self._flatten(out=self._prev)
+        """Forget the parameter change since the last sync (after predicted steps, rollback, corrections).
+
+        After ``release()`` (or ``track=False``) this allocates the buffers again and tracks from here."""
+        if self._prev is None:
+            self._prev = self._flatten()
+            self._allocate_basis()
+        else:
+            self._flatten(out=self._prev)
         self._since_sync = 0
+
+    @property
+    def tracking(self) -> bool:
+        """True when the previous parameters are held, so the next real update can be read."""
+        return self._prev is not None
+
+    def release(self) -> None:
+        """Free the previous-parameters and scratch buffers while nothing is observed (2 numbers per
+        parameter); the mean update and the window stay. ``sync()`` starts tracking again."""
+        if self._snapshot is not None:
+            raise RuntimeError("release() while a snapshot is held: finish or roll back the phase first")
+        self._prev = self._scratch = None
 
     @property
     def max_layer_norms(self) -> Tensor:
@@ -273,6 +311,8 @@ class Trajectory:
     @property
     def current(self) -> Tensor:
         """The parameters at the last sync or observation, flat (a view of an internal buffer: do not modify)."""
+        if self._prev is None:
+            raise RuntimeError("the trajectory is not tracking (released): sync() first")
         return self._prev
 
     @staticmethod
@@ -339,8 +379,8 @@ class Trajectory:
         return {
             "names": list(self.names),
             "shapes": [list(s) for s in self.shapes],
-            "prev": self._prev.clone(),
-            "ema": self._ema.clone(),
+            "prev": None if self._prev is None else self._prev.clone(),
+            "ema": None if self._ema is None else self._ema.clone(),
             "ema_weight": self._ema_weight,
             "ema_sq": self._ema_sq.clone(),
             "window": None if self._window is None else self._window.clone(),
@@ -363,8 +403,9 @@ class Trajectory:
                 f"{next((a, b) for a, b in zip(shapes + [None], self.shapes + [None]) if a != b)})"
             )
         to = {"device": self.device, "dtype": self.flat_dtype}
-        self._prev = sd["prev"].to(**to).clone()
-        self._ema = sd["ema"].to(**to).clone()
+        self._prev = None if sd["prev"] is None else sd["prev"].to(**to).clone()
+        self._scratch = None
+        self._ema = None if sd["ema"] is None else sd["ema"].to(**to).clone()
         self._ema_weight = float(sd["ema_weight"])
         self._ema_sq = sd["ema_sq"].double().clone()
         self._window = None if sd["window"] is None else sd["window"].to(**to).clone()

@@ -61,3 +61,12 @@ def test_state_dict_round_trip_is_exact():
     s.record_real(0.01, 1.0, 0.1, 0.2, 4.0)
     t.record_real(0.01, 1.0, 0.1, 0.2, 4.0)
     assert torch.equal(s.features(), t.features())
+
+
+def test_a_refused_phase_leaves_the_rollback_rate_alone():
+    s = TrainingState()
+    s.record_phase_outcome(True, 0.3, -0.2)
+    s.record_phase_outcome(None, 0.0, -0.05)  # refused by the line search: the weights never moved
+    assert s._rollback_rate.value == 1.0 and s.last_value == -0.05
+    s.record_phase_outcome(False, 0.1, 0.4)
+    assert 0.0 < s._rollback_rate.value < 1.0

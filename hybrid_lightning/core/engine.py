@@ -515,8 +515,8 @@ class HybridEngine:
             reward = phase_reward(value, kept, steps, forwards, cfg.bandit.forward_cost, cfg.bandit.apply_cost,
                                   cfg.bandit.rollback_penalty, cfg.bandit.value_floor)
         self.bandit.update(start["horizon"], start["features"], reward)
-        self.state.record_phase_outcome(not kept and not refused, residual / scale if math.isfinite(residual) else 0.0,
-                                        value)
+        self.state.record_phase_outcome(None if refused else not kept,
+                                        residual / scale if math.isfinite(residual) else 0.0, value)
         if refused:
             # its horizon did not make it bad: keep the horizon, but as many refusals in a row as it takes
             # rejected phases to shrink the cap to 0 start the same doubling cooldown

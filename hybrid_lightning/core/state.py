@@ -131,9 +131,13 @@ class TrainingState:
         if loss is not None and math.isfinite(loss):
             self.predicted_losses.append(loss)
 
-    def record_phase_outcome(self, rolled_back: bool, residual: float, value: float) -> None:
-        """A Predict phase was judged: kept or rolled back, its normalized residual and value q."""
-        self._rollback_rate.update(1.0 if rolled_back else 0.0)
+    def record_phase_outcome(self, rolled_back: bool | None, residual: float, value: float) -> None:
+        """A Predict phase was judged: kept (False) or rolled back (True), its normalized residual and value q.
+
+        ``rolled_back=None``: the phase was refused before it moved the weights (line search); it is
+        neither, and leaves the rollback rate as it was."""
+        if rolled_back is not None:
+            self._rollback_rate.update(1.0 if rolled_back else 0.0)
         self.last_residual = residual if math.isfinite(residual) else 0.0
         self.last_value = value if math.isfinite(value) else 0.0
 

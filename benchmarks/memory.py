@@ -2,12 +2,14 @@
 
     python -m benchmarks.memory [--steps 20000] [--width 1024]
 
-Runs plain Lightning and the plugin (eager config: it predicts, rolls back and corrects throughout) on the
-MLP example, each in a fresh process, sampling resident memory every 1000 steps. Prints the samples, the
-RSS growth after warm-up, and the peak RSS ratio hybrid / plain next to the expected extra memory:
-``bytes(flat dtype) * P * (4 + window + basis_rank - 1)`` (previous parameters, scratch, mean update,
-rollback snapshot, update window, principal directions) plus one transient delta of P during Predict.
-Last line: one JSON object.
+Runs plain Lightning and the plugin on the MLP example, each in a fresh process, sampling resident memory
+every 1000 steps: the eager config (it predicts, rolls back and corrects throughout), the default config
+(here it never predicts: dormant for doubling periods after step 220) and monitor-only mode
+(``predict_threshold: 1.0``). Prints the samples, the RSS growth after warm-up, and the peak RSS ratio
+hybrid / plain next to the expected extra memory: ``bytes(flat dtype) * P * (4 + window + basis_rank - 1)``
+(previous parameters, scratch, mean update, rollback snapshot, update window, principal directions) plus
+one transient delta of P during Predict. The default config holds 3 P while awake and 1 P (the mean
+update) while dormant; monitor-only mode holds none. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ if mode == "hybrid":
     cfg = HybridConfig(warmup_steps=200, min_full_steps=20, predict_threshold=0.0, predictor="constant_velocity")
     cfg.bandit.alpha = 5.0  # keep predicting, so every buffer is in use
     callbacks.insert(0, HybridPredictiveTraining(cfg, verbose=False))
+elif mode in ("default", "monitor_only"):
+    cfg = HybridConfig(predict_threshold=1.0) if mode == "monitor_only" else HybridConfig()
+    callbacks.insert(0, HybridPredictiveTraining(cfg, verbose=False))
 L.seed_everything(0)
 model = MLPRegressor(width=width, depth=3)
 params = sum(p.numel() for p in model.parameters())
-trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, strategy="hybrid" if mode == "hybrid" else "auto",
+trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, strategy="auto" if mode == "plain" else "hybrid",
                     callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(model, TeacherStudentDataModule(batch_size=64, n_train=8192))
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         script = Path(d) / "child.py"
         script.write_text(CHILD)
-        for mode in ("plain", "hybrid"):
+        for mode in ("plain", "hybrid", "default", "monitor_only"):
             out = Path(d) / f"{mode}.json"
             subprocess.run([sys.executable, str(script), mode, str(args.steps), str(args.width), str(out)],
                            check=True, capture_output=True, timeout=3600)
@@ -74,10 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     expected = 4 * P * 4 + 4 * P  # defaults: window 0, rank 1, float32 flat buffers; + one transient delta
     mb = 1024**2
     print(f"MLP width {args.width}: P = {P:,} parameters ({4 * P / mb:.1f} MB in float32), {args.steps} steps\n")
-    print("| step | plain RSS (MB) | hybrid RSS (MB) |")
-    print("|---|---|---|")
-    for (s, a), (_, b) in zip(res["plain"]["samples"], res["hybrid"]["samples"]):
-        print(f"| {s} | {a / mb:.1f} | {b / mb:.1f} |")
+    print("| step | plain RSS (MB) | eager (MB) | default (MB) | monitor-only (MB) |")
+    print("|---|---|---|---|---|")
+    for (s, a), (_, b), (_, c), (_, e) in zip(*(res[m]["samples"] for m in ("plain", "hybrid", "default",
+                                                                              "monitor_only"))):
+        print(f"| {s} | {a / mb:.1f} | {b / mb:.1f} | {c / mb:.1f} | {e / mb:.1f} |")
     hs = [r for s, r in res["hybrid"]["samples"] if s >= 2000]
     ps = [r for s, r in res["plain"]["samples"] if s >= 2000]
     summary = {
@@ -87,11 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
         "expected_extra_mb": expected / mb,
         "hybrid_growth_after_2000_mb": (hs[-1] - hs[0]) / mb if hs else None,
         "plain_growth_after_2000_mb": (ps[-1] - ps[0]) / mb if ps else None,
+        # the other configs' extra peak RSS over plain (single samples move by about +-15 MB in every mode)
+        **{f"{m}_peak_extra_mb": (res[m]["peak"] - res["plain"]["peak"]) / mb for m in ("default", "monitor_only")},
     }
     print(f"\npeak RSS hybrid / plain = {summary['peak_ratio']:.3f} (+{summary['peak_extra_mb']:.1f} MB; "
           f"expected from the formula: {summary['expected_extra_mb']:.1f} MB)")
     print(f"RSS growth from step 2000 to the end: hybrid {summary['hybrid_growth_after_2000_mb']:+.1f} MB, "
           f"plain {summary['plain_growth_after_2000_mb']:+.1f} MB")
+    for m, awake in (("default", 3), ("monitor_only", 0)):
+        dormant = f", {4 * P / mb:.1f} MB while dormant" if awake else ""
+        print(f"{m}: peak RSS {summary[f'{m}_peak_extra_mb']:+.1f} MB over plain (its buffers: "
+              f"{awake * 4 * P / mb:.1f} MB while awake{dormant})")
     print(json.dumps(summary))
     return summary
 

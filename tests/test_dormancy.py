@@ -16,6 +16,7 @@ from hybrid_lightning.core.dynamics import ConstantVelocity, make_dynamics
 from hybrid_lightning.core.engine import HybridEngine, StepObservation
 from hybrid_lightning.core.loop import train_steps
 from hybrid_lightning.core.nowcaster import NowcastPredictor
+from hybrid_lightning.core.phases import Phase
 from hybrid_lightning.core.predictors import DMDPredictor, TailAverage
 from hybrid_lightning.core.state import FEATURE_DIM
 from hybrid_lightning.core.trajectory import Trajectory
@@ -312,3 +313,112 @@ def test_monitor_only_holds_no_parameter_sized_buffers_and_resumes_into_predicti
     assert d2.observed_at and d2.observed_at[0] >= 104
     # an awake engine's state holds its previous parameters and mean update, each one number per parameter
     assert len(_param_sized(e2.state_dict(), numel)) == 2
+
+
+class _BareParameterPredictor:
+    """A user's parameter predictor with the required methods only (``restart()`` is optional)."""
+
+    def __init__(self, n_layers, rank):
+        self._cv = ConstantVelocity(n_layers, rank)
+        self.seen = 0
+
+    def observe(self, features, loss_delta, coeffs):
+        self._cv.observe(features, loss_delta, coeffs)
+
+    def rollout(self, intervals):
+        return self._cv.rollout(intervals)
+
+    def confidence(self):
+        return 0.0
+
+    def observe_residual(self, residual):
+        pass
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, sd):
+        self.seen = sd["seen"]
+
+    def observe_params(self, trajectory):
+        self.seen += 1
+
+    def predict_displacement(self, trajectory, steps):
+        return None
+
+
+def test_a_parameter_predictor_without_restart_sleeps_and_wakes():
+    model, opt, engine, _ = make(dormant_after=20)
+    engine.dynamics = _BareParameterPredictor(4, 1)
+    assert not hasattr(engine.dynamics, "restart")
+    assert windows(train(model, opt, engine, 0, 130)) == [(36, 56), (82, 122)]
+    sd = engine.state_dict()
+    m2, o2, e2, _ = make(dormant_after=20)
+    e2.dynamics = _BareParameterPredictor(4, 1)
+    e2.load_state_dict(sd)  # loads awake; the same with a dormant state below
+    train(model, opt, engine, 130, 150)
+    assert engine.dormant
+    e2.load_state_dict(engine.state_dict())
+    assert e2.dormant and not e2.trajectory.tracking
+
+
+def test_a_tracked_state_loaded_into_a_monitor_only_engine_drops_its_buffers():
+    model, opt, engine, _ = make(dormant_after=0)
+    train(model, opt, engine, 0, 30)
+    sd = engine.state_dict()
+    assert sd["trajectory"]["prev"] is not None
+    cfg = config(dormant_after=0)
+    cfg.predict_threshold = 1.0
+    e2 = HybridEngine(list(model.parameters()), cfg)
+    e2.load_state_dict(sd)
+    assert not e2.trajectory.tracking and e2.state_dict()["trajectory"]["prev"] is None
+    assert train(model, opt, e2, 30, 60) == [] and not e2.trajectory.tracking
+
+
+def test_no_predict_phase_starts_before_a_resumed_untracked_engine_has_observed():
+    """A state saved while monitor-only, resumed with a predictor that is always confident: the first
+    phase waits for fresh observations (tracking starts at the first stride boundary after resuming)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    cfg = config(dormant_after=0)
+    cfg.predict_threshold = 1.0
+    cfg.bandit.arms = [0, 6]
+    idle = HybridEngine(list(model.parameters()), cfg)
+    train(model, opt, idle, 0, 60)
+    cfg = config(dormant_after=0)
+    cfg.bandit.arms, cfg.bandit.alpha, cfg.bandit.cooldown_steps = [0, 6], 100.0, 0
+    dyn = _ConfidentAt(4, cfg.trajectory.basis_rank, lambda step: True)
+    engine = HybridEngine(list(model.parameters()), cfg, dynamics=dyn)
+    dyn.engine = engine
+    engine.load_state_dict(idle.state_dict())
+    assert engine.phase is Phase.FULL and not engine.trajectory.tracking
+    res = train_steps(model, loss_fn, opt, (batch(i) for i in range(60, 100)), engine)
+    first = res.phases.index("PREDICT")
+    assert first >= 2  # not on the steps before the first stride boundary (60, 61): nothing was tracked
+    assert engine.counters["phases"] > 0
+
+
+def test_a_pending_predict_phase_resumed_into_a_released_engine_tracks_again_before_it_starts():
+    """Saved right after the phase was chosen (before its first step), loaded where the trajectory is
+    released on load (monitor-only): the phase still starts, from freshly read parameters."""
+    def cfg(threshold):
+        c = config(dormant_after=0)
+        c.predictor, c.predict_threshold = "null", threshold
+        c.bandit.arms, c.bandit.alpha, c.bandit.cooldown_steps = [0, 6], 100.0, 0
+        return c.validate()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    engine = HybridEngine(list(model.parameters()), cfg(0.0))
+    for i in range(200):
+        if engine.phase is Phase.PREDICT:
+            break
+        train(model, opt, engine, i, i + 1)
+    assert engine.phase is Phase.PREDICT and engine._prediction is None
+    idle = HybridEngine(list(model.parameters()), cfg(1.0))
+    idle.load_state_dict(engine.state_dict())
+    assert not idle.trajectory.tracking
+    plan = idle.plan()
+    assert plan.phase is Phase.PREDICT and idle.trajectory.tracking and idle.trajectory.has_snapshot

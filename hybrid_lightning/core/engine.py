@@ -218,6 +218,8 @@ class HybridEngine:
 
     def _begin_predict(self) -> None:
         ps = self.phase_state
+        if not self.trajectory.tracking:  # a state saved as the phase was chosen, resumed after a release
+            self._resync()
         self.trajectory.snapshot()
         features = self.state.features()
         loss0 = self.state.loss
@@ -430,8 +432,9 @@ class HybridEngine:
         if self.trajectory.has_snapshot:
             return
         self.trajectory.release()
-        if isinstance(self.dynamics, ParameterDynamics):
-            self.dynamics.restart()
+        restart = getattr(self.dynamics, "restart", None)  # optional in both protocols
+        if isinstance(self.dynamics, ParameterDynamics) and callable(restart):
+            restart()
 
     def _next_after_real(self, ps: PhaseState, alarm: bool) -> PhaseState:
         horizon = 0

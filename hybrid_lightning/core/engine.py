@@ -360,12 +360,12 @@ class HybridEngine:
         if self.dormant:
             self.counters["dormant_steps"] += 1
         if self.trajectory.step_taken():
-            if not self.prediction_enabled or self.dormant or not self.trajectory.tracking:
-                if self.prediction_enabled and not self.dormant:
-                    self._resync()  # a state saved while not tracking, resumed with prediction on: track from here
-                else:
-                    # nothing will be predicted for a while: monitor only, skip the trajectory and the dynamics model
+            idle = not self.prediction_enabled or self.dormant
+            if idle or not self.trajectory.tracking:
+                if idle:  # nothing will be predicted for a while: monitor only, skip the trajectory and the dynamics
                     self.trajectory.skip_observation()
+                else:  # a state saved while not tracking, resumed with prediction on: track from here
+                    self._resync()
                 self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm)
                 return div
             upd = self.trajectory.record_real()

@@ -5,10 +5,12 @@
 Per workload, interleaved: plain Lightning; the plugin with ``predict_threshold=1.0`` (prediction
 impossible: the engine only monitors); the plugin with the default config but
 ``predict_threshold=0.999`` (never confident enough to predict, so after ``min_full_steps +
-bandit.dormant_after`` steps it goes dormant for doubling periods); and the same with dormancy off
-(``dormant_after=0``: trajectory reads and dynamics-model training on every observation, all run
-long). Per-step wall time after 50 warm-up steps, no validation. Target for the first ratio:
-<= 1.03. Last lines: one JSON object per workload.
+bandit.dormant_after`` steps it goes dormant for doubling periods, lengthened where observing took
+more than ``bandit.overhead_budget`` of the time); the same without the budget
+(``overhead_budget: null``); and with dormancy off (``dormant_after=0``: trajectory reads and
+dynamics-model training on every observation, all run long). Per-step wall time after 50 warm-up
+steps, no validation. Target for the first ratio: <= 1.03. ``--modes`` runs a subset. Last lines: one
+JSON object per workload, with the plugin's own measured observation share where it ran.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 
 MODES = {"plain": None, "monitor_only": {"predict_threshold": 1.0}, "never_confident": {"predict_threshold": 0.999},
+         "no_budget": {"predict_threshold": 0.999, "bandit": {"overhead_budget": None}},
          "never_dormant": {"predict_threshold": 0.999, "bandit": {"dormant_after": 0}}}
+TITLES = {"monitor_only": "threshold 1.0 (monitor only)", "never_confident": "default, never confident",
+          "no_budget": "same, no overhead budget", "never_dormant": "same, dormant_after 0"}
 
 
 class StepClock(Callback):
@@ -49,18 +54,23 @@ def _sync(pl_module) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu") -> float:
+def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu") -> tuple[float, dict]:
+    """-> seconds per step, and the plugin's report (empty without the plugin)."""
     L.seed_everything(0, verbose=False)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
     data = _load(spec["data"])(**spec["data_args"])
     clock = StepClock()
     callbacks: list = [clock]
-    if hybrid is not None:
-        callbacks.append(HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False))
+    cb = HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False) if hybrid is not None else None
+    if cb is not None:
+        callbacks.append(cb)
     L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid is not None else "auto",
               callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, data)
-    return clock.per_step
+    report = {} if cb is None else {"observe_share": cb.report.observe_share,
+                                    "budget_extensions": cb.report.budget_extensions,
+                                    "dormant_steps": cb.report.dormant_steps}
+    return clock.per_step, report
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -69,30 +79,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--modes", nargs="+", default=list(MODES)[1:], choices=list(MODES)[1:],
+                   help="plugin modes to compare with plain Lightning (default: all)")
     args = p.parse_args(argv)
+    modes = {"plain": None, **{m: MODES[m] for m in args.modes}}
     torch.set_num_threads(1)
     out = []
     for name in args.workloads:
         spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
-        times: dict[str, list[float]] = {m: [] for m in MODES}
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        reports: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.repeats):
-            for mode, hybrid in MODES.items():  # interleaved
-                times[mode].append(per_step(spec, args.steps, hybrid, args.accelerator))
+            for mode, hybrid in modes.items():  # interleaved
+                seconds, report = per_step(spec, args.steps, hybrid, args.accelerator)
+                times[mode].append(seconds)
+                reports[mode].append(report)
         med = {m: statistics.median(t) for m, t in times.items()}
-        out.append({"workload": name, "plain_ms": 1000 * med["plain"],
-                    "monitor_only_ratio": med["monitor_only"] / med["plain"],
-                    "never_confident_ratio": med["never_confident"] / med["plain"],
-                    "never_dormant_ratio": med["never_dormant"] / med["plain"]})
-    print(f"{args.steps} steps; ratios of per-step wall time to plain Lightning, medians of {args.repeats} "
+        row = {"workload": name, "plain_ms": 1000 * med["plain"]}
+        row.update({f"{m}_ratio": med[m] / med["plain"] for m in args.modes})
+        row.update({f"{m}_observe_share": statistics.median(r["observe_share"] for r in reports[m])
+                    for m in args.modes})
+        row.update({f"{m}_budget_extensions": [r["budget_extensions"] for r in reports[m]] for m in args.modes})
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    print(f"\n{args.steps} steps; ratios of per-step wall time to plain Lightning, medians of {args.repeats} "
           "interleaved repeats.\n")
-    print("| workload | plain ms/step | threshold 1.0 (monitor only) | default, never confident | "
-          "same, dormant_after 0 |")
-    print("|---|---|---|---|---|")
+    print("| workload | plain ms/step | " + " | ".join(TITLES[m] for m in args.modes) + " |")
+    print("|---|---|" + "---|" * len(args.modes))
     for x in out:
-        print(f"| {x['workload']} | {x['plain_ms']:.2f} | {x['monitor_only_ratio']:.3f}x | "
-              f"{x['never_confident_ratio']:.3f}x | {x['never_dormant_ratio']:.3f}x |")
-    for x in out:
-        print(json.dumps(x))
+        print(f"| {x['workload']} | {x['plain_ms']:.2f} | " + " | ".join(f"{x[m + '_ratio']:.3f}x" for m in args.modes)
+              + " |")
     return out
 
 

@@ -85,6 +85,7 @@ class BanditConfig:
     value_floor: float = 1.0  # q a kept phase must beat to pay: with max_steps fixed, q < 1 costs final loss
     cooldown_steps: int = 100  # full steps without prediction once the horizon cap reaches 0 (doubles; 0: none)
     dormant_after: int = 100  # steps past min_full_steps with no Predict phase before the dynamics sleep (0: never)
+    overhead_budget: float | None = 0.05  # share of step time observing may take; sleep on past it (None: no limit)
 
 
 @dataclass
@@ -252,6 +253,8 @@ class HybridConfig:
         c.float_range("bandit.value_floor", b.value_floor, 0.0, 5.0)
         c.int_range("bandit.cooldown_steps", b.cooldown_steps, 0, None)
         c.int_range("bandit.dormant_after", b.dormant_after, 0, None)
+        if b.overhead_budget is not None:
+            c.float_range("bandit.overhead_budget", b.overhead_budget, 0.0, 1.0, lo_open=True)
 
         if problems:
             raise ConfigError("invalid HybridConfig:\n  - " + "\n  - ".join(problems))

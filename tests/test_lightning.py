@@ -216,6 +216,7 @@ def test_callback_accepts_yaml_path_and_writes_report(tmp_path):
     assert data["total_steps"] == 60 and data["steps"]["PREDICT"] == cb.report.steps["PREDICT"]
     assert data["backward_passes"] + data["backward_skipped"] == 60
     assert data["cost_ratio"] is None or 0 < data["cost_ratio"]
+    assert 0 <= data["observe_share"] < 1 and data["budget_extensions"] == cb.engine.counters["budget_extensions"]
 
 
 def test_metrics_reach_the_logger(tmp_path):
@@ -226,7 +227,7 @@ def test_metrics_reach_the_logger(tmp_path):
     tr.fit(TinyRegressor())
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for key in ("hybrid/phase", "hybrid/confidence", "hybrid/backward_skip_ratio", "hybrid/rollbacks",
-                "hybrid/residual", "hybrid/horizon", "hybrid/actual_loss", "hybrid/dormant"):
+                "hybrid/residual", "hybrid/horizon", "hybrid/actual_loss", "hybrid/dormant", "hybrid/observe_share"):
         assert key in header, key
 
 

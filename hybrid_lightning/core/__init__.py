@@ -1,6 +1,7 @@
 """Framework-agnostic engine: pure torch, never imports lightning."""
 
 from hybrid_lightning.core.bandit import LinUCB, phase_reward
+from hybrid_lightning.core.budget import OverheadBudget
 from hybrid_lightning.core.corrector import Correction, ResidualCorrector
 from hybrid_lightning.core.divergence import DivergenceMonitor, DivergenceReport, Level
 from hybrid_lightning.core.dynamics import (
@@ -20,7 +21,8 @@ from hybrid_lightning.core.trajectory import RealUpdate, Trajectory
 
 __all__ = [
     "FEATURE_DIM", "ConstantVelocity", "Correction", "DivergenceMonitor", "DivergenceReport", "DynamicsModel",
-    "HybridEngine", "Level", "LinUCB", "Phase", "PhaseLimits", "PhaseResult", "PhaseState", "Prediction",
+    "HybridEngine", "Level", "LinUCB", "OverheadBudget", "Phase", "PhaseLimits", "PhaseResult", "PhaseState",
+    "Prediction",
     "RSSMLite", "RealUpdate", "Residual", "ResidualCorrector", "ResidualStore", "Rollout", "StepObservation",
     "StepPlan", "StepReport", "TrainingState", "Trajectory", "make_dynamics", "next_phase", "phase_reward",
     "predict_y_steps", "ready_to_predict",

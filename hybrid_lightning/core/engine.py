@@ -26,6 +26,7 @@ from torch import Tensor
 
 from hybrid_lightning.config import HybridConfig
 from hybrid_lightning.core.bandit import LinUCB, phase_reward
+from hybrid_lightning.core.budget import OverheadBudget
 from hybrid_lightning.core.corrector import ResidualCorrector
 from hybrid_lightning.core.divergence import DivergenceMonitor, DivergenceReport, Level
 from hybrid_lightning.core.dynamics import (
@@ -162,10 +163,17 @@ class HybridEngine:
         self._awake_since = cfg.warmup_steps
         self._dormant_until = 0
         self._dormant_len = cfg.bandit.dormant_after
+        self.budget = OverheadBudget(cfg.bandit.overhead_budget)
+        self._last_kind: str | None = None  # what the last observed step was, for record_seconds
+        self._observed = False
+        # Under DDP: the mean of a number over all processes (set by the adapter), so that a decision taken
+        # from each process's own clock is the same on every process. None: one process.
+        self.mean_across_processes: Callable[[float], float] | None = None
         self.counters: dict[str, int] = {
             "real_steps": 0, "predicted_steps": 0, "skipped_steps": 0, "phases": 0, "kept": 0, "rollbacks": 0,
             "corrections_tried": 0, "corrections_kept": 0, "probe_forwards": 0, "monitor_forwards": 0,
             "divergence_events": 0, "dormant_steps": 0, "dormant_periods": 0, "refused": 0,
+            "budget_extensions": 0,
         }
         self._refused_in_row = 0  # line search: phases refused in a row (enough of them start a cooldown)
         self.last_phase_result: PhaseResult | None = None
@@ -334,10 +342,25 @@ class HybridEngine:
                 report.phase_result = self._begin_with_line_search(probe)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
+        if plan.phase is Phase.PREDICT or obs.skipped or report.phase_result is not None or \
+                report.next_phase is Phase.PREDICT:
+            self._last_kind = "other"  # prediction's own cost: the bandit weighs it, not the budget
+        else:
+            self._last_kind = "observe" if self._observed else "plain"
         return report
+
+    def record_seconds(self, seconds: float) -> None:
+        """The wall-clock of the step just observed, from its start to the end of ``observe``.
+
+        It feeds ``config.bandit.overhead_budget``; a caller that never reports times gets the
+        step-count dormancy alone."""
+        if self._last_kind is not None:
+            self.budget.record(seconds, self._last_kind)
+            self._last_kind = None
 
     def _observe_predicted(self, plan: StepPlan, obs: StepObservation) -> DivergenceReport:
         self.counters["predicted_steps"] += 1
+        self._observed = False
         self.state.record_predicted(obs.loss)
         if obs.loss is None:
             return DivergenceReport()
@@ -348,6 +371,7 @@ class HybridEngine:
 
     def _observe_real(self, obs: StepObservation) -> DivergenceReport:
         self.counters["real_steps"] += 1
+        self._observed = False
         if obs.skipped:
             self.counters["skipped_steps"] += 1
             self.state.record_real(float("nan"))
@@ -369,6 +393,7 @@ class HybridEngine:
                 self.state.record_real(loss if loss is not None else float("nan"), obs.grad_norm)
                 return div
             upd = self.trajectory.record_real()
+            self._observed = True
             if isinstance(self.dynamics, ParameterDynamics):
                 self.dynamics.observe_params(self.trajectory)
             if not math.isfinite(upd.norm):
@@ -404,6 +429,11 @@ class HybridEngine:
         base = self.config.bandit.dormant_after
         enabled = base > 0 and self.prediction_enabled  # a resumed run may have switched either off
         if self._dormant_until and (self.step >= self._dormant_until or not enabled):
+            owed = self._steps_owed() if enabled else 0
+            if owed > 0:  # observing has cost more than the budget allows: sleep until it is repaid
+                self._dormant_until = self.step + owed
+                self.counters["budget_extensions"] += 1
+                return False
             # wake: the parameters moved while nobody looked; observe afresh from here
             self._dormant_until = 0
             self._awake_since = self.step
@@ -424,6 +454,12 @@ class HybridEngine:
             self.counters["dormant_periods"] += 1
             self._release_while_idle()
         return False
+
+    def _steps_owed(self) -> int:
+        owed = self.budget.steps_owed()
+        if self.mean_across_processes is not None:  # every process must wake at the same step
+            owed = math.ceil(self.mean_across_processes(float(owed)))
+        return max(0, int(owed))
 
     def _release_while_idle(self) -> None:
         """Free the parameter-sized buffers that nothing reads while the engine only monitors: the
@@ -612,6 +648,7 @@ class HybridEngine:
             "horizon_cap": self._horizon_cap,
             "cooldown": [self._cooldown_until, self._cooldown_len],
             "dormancy": [self._awake_since, self._dormant_until, self._dormant_len],
+            "budget": self.budget.state_dict(),
             "refused_in_row": self._refused_in_row,
             "counters": dict(self.counters),
             "state": self.state.state_dict(),
@@ -636,6 +673,10 @@ class HybridEngine:
         self.monitor.load_state_dict(sd["monitor"])
         self.bandit.load_state_dict(sd["bandit"])
         self.state.load_state_dict(sd["state"])
+        if "budget" in sd:  # absent from states written before the budget existed: timed afresh
+            self.budget.load_state_dict(sd["budget"])
+        else:
+            self.budget = OverheadBudget(self.config.bandit.overhead_budget)
         self.step = int(sd["step"])
         phase, steps_in, horizon = sd["phase"]
         self.phase_state = PhaseState(Phase(int(phase)), int(steps_in), int(horizon))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +24,16 @@ class LoopResult:
 
 
 def train_steps(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, batches: Iterable[Any],
-                engine: HybridEngine, scheduler: Any = None, clip_grad_norm: float | None = None) -> LoopResult:
+                engine: HybridEngine, scheduler: Any = None, clip_grad_norm: float | None = None,
+                clock: Callable[[], float] | None = time.perf_counter) -> LoopResult:
     """Run one optimizer step per batch. Real steps: forward, backward, optimizer (skipped when gradients
     are non-finite). Predicted steps: optional no-grad forward, then the engine's delta. The probe
-    re-evaluates the step's batch without gradients, as the engine's phase check requires."""
+    re-evaluates the step's batch without gradients, as the engine's phase check requires. Each step's
+    time by ``clock`` feeds ``bandit.overhead_budget``; ``clock=None`` makes dormancy count steps alone
+    (reproducible to the step, whatever the machine's speed)."""
     out = LoopResult()
     for batch in batches:
+        t0 = clock() if clock is not None else 0.0
         plan = engine.plan()
         obs = StepObservation()
         if plan.runs_backward:
@@ -58,6 +63,8 @@ def train_steps(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimi
                 return float(loss_fn(model, batch))
 
         report = engine.observe(obs, probe=probe)
+        if clock is not None:
+            engine.record_seconds(clock() - t0)
         out.losses.append(obs.loss)
         out.phases.append(plan.phase.name)
         out.reports.append(report)

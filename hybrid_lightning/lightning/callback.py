@@ -164,6 +164,10 @@ class HybridPredictiveTraining(Callback):
         strategy = trainer.strategy
         assert isinstance(strategy, HybridStrategyMixin)
         strategy.hybrid_apply = self.engine.apply
+        if trainer.world_size > 1:
+            device = strategy.root_device
+            self.engine.mean_across_processes = lambda x: float(
+                strategy.hybrid_sum(torch.tensor([x], dtype=torch.float32, device=device))) / trainer.world_size
         strategy.hybrid_plan = None
         strategy.hybrid_loss_sum = None  # from an interrupted fit, between a backward and its optimizer step
         self._open = None
@@ -304,7 +308,9 @@ class HybridPredictiveTraining(Callback):
             # Time per phase needs the device's queue drained only where the phase changes: within a run
             # of same-phase steps, work still queued at one step's end is counted in the next one's.
             torch.cuda.synchronize(strategy.root_device)
-        self._account(report, time.perf_counter() - step["t0"] - predict_seconds, value)
+        elapsed = time.perf_counter() - step["t0"]
+        self.engine.record_seconds(elapsed)
+        self._account(report, elapsed - predict_seconds, value)
         self.report.seconds["PREDICT"] += predict_seconds
         self._log(trainer, pl_module, report, value)
 
@@ -335,6 +341,7 @@ class HybridPredictiveTraining(Callback):
             "hybrid/rollbacks": float(self.engine.counters["rollbacks"]),
             "hybrid/horizon_cap": float(self.engine.horizon_cap),
             "hybrid/dormant": float(report.dormant),
+            "hybrid/observe_share": self.engine.budget.share,
         }
         if loss is not None:
             values["hybrid/actual_loss"] = loss
@@ -409,6 +416,8 @@ class HybridPredictiveTraining(Callback):
         r.corrections_kept, r.divergence_events = c["corrections_kept"], c["divergence_events"]
         r.skipped_nonfinite_steps, r.probe_forwards = c["skipped_steps"], c["probe_forwards"]
         r.dormant_steps = c["dormant_steps"]
+        r.budget_extensions = c["budget_extensions"]
+        r.observe_share = e.budget.share
         vals = self._metrics.values()
         r.mean_abs_residual, r.mean_value = vals["mean_abs_residual"], vals["mean_value"]
         r.bandit_mean_reward = {str(k): v for k, v in e.bandit.mean_rewards().items() if k}

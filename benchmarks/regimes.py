@@ -3,11 +3,13 @@
 ``adamw_cosine`` is the workload as tuned (AdamW, warmup + cosine); ``constant_lr`` keeps the LR flat
 after warmup; ``low_lr`` is a fine-tuning-like setup (a tenth of the tuned LR, flat); ``large_batch``
 uses 4x the batch; ``sgd`` replaces AdamW with SGD + Nesterov momentum 0.9 at the workload's ``sgd_lr``
-(same schedule).
+(same schedule); ``wsd`` keeps AdamW at the tuned LR with a warmup-stable-decay schedule (the same
+warmup, flat until ``WSD_DECAY_START`` of the run, then linear decay to the same final LR).
 """
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -15,7 +17,28 @@ import torch
 
 from hybrid_lightning.examples.common import WarmupCosine, resolve_total_steps
 
-REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd")
+REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd")
+WSD_DECAY_START = 0.8  # fraction of the run after which the wsd regime's LR decays
+
+
+class WarmupStableDecay:
+    """Picklable ``LambdaLR`` callable: linear warmup, flat, then linear decay to ``final_frac`` over the
+    steps from ``decay_start * total`` to ``total``."""
+
+    def __init__(self, total: int, warmup_frac: float = 0.05, final_frac: float = 0.1,
+                 decay_start: float = WSD_DECAY_START) -> None:
+        self.total, self.warmup_frac = max(1, int(total)), float(warmup_frac)
+        self.final_frac, self.decay_start = float(final_frac), float(decay_start)
+
+    def __call__(self, step: int) -> float:
+        warmup = int(round(self.warmup_frac * self.total))
+        if step < warmup:
+            return (step + 1) / warmup
+        start = max(warmup, math.floor(self.decay_start * self.total))
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, self.total - start))
+        return 1.0 + (self.final_frac - 1.0) * progress
 
 
 def regime_spec(spec: dict, regime: str) -> dict:
@@ -40,8 +63,19 @@ def _sgd_optimizers(self: Any) -> dict:  # replaces configure_optimizers for the
     return {"optimizer": sgd, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
+def _wsd_optimizers(self: Any) -> dict:  # the workload's own optimizer, with the schedule replaced
+    hp = self.hparams
+    out = type(self).configure_optimizers(self)
+    opt = out["optimizer"]
+    schedule = WarmupStableDecay(resolve_total_steps(self, hp.total_steps), hp.warmup_frac, hp.final_lr_frac)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
 def regime_model(model: Any, regime: str) -> Any:
-    """The model with the regime's optimizer (only ``sgd`` changes it)."""
+    """The model with the regime's optimizer or schedule (``sgd`` and ``wsd`` change them)."""
     if regime == "sgd":
         model.configure_optimizers = types.MethodType(_sgd_optimizers, model)
+    if regime == "wsd":
+        model.configure_optimizers = types.MethodType(_wsd_optimizers, model)
     return model

@@ -4,6 +4,7 @@
     python -m benchmarks.time_to_loss --workloads mlp --tune  # re-run the baseline LR sweep first
     python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
     python -m benchmarks.time_to_loss --regime low_lr      # another training regime (benchmarks/regimes.py)
+    python -m benchmarks.time_to_loss --regime wsd --predict-until 0.8  # predict in the WSD's stable phase only
 
 Per workload (``benchmarks/workloads/<name>.yaml``), every repeat runs, back to back and in the same
 process: the plain baseline (same model, data order, seed, optimizer, tuned LR), each hybrid variant,
@@ -110,6 +111,20 @@ class Clock(Callback):
         self.run.curve.append(Point(trainer.global_step, self.run.train_seconds, backward, val))
 
 
+class PredictUntil(Callback):
+    """Research: no Predict phase may start that would not end before ``fraction`` of the run's steps
+    (the engine's own end-of-run rule, moved earlier, e.g. to where a schedule starts to decay)."""
+
+    def __init__(self, hybrid: HybridPredictiveTraining, fraction: float) -> None:
+        self.hybrid, self.fraction = hybrid, fraction
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        engine = self.hybrid.engine
+        if engine is not None:
+            until = math.floor(self.fraction * trainer.max_steps)
+            engine.step_limit = until if engine.step_limit is None else min(engine.step_limit, until)
+
+
 def _load(path: str) -> Any:
     module, name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
@@ -204,7 +219,9 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
             # worth less than real ones can still reach the baseline's loss sooner if there are more of them
             hybrid = {k: v for k, v in overrides.items() if k != "steps_factor"}
             steps = round(N * overrides.get("steps_factor", 1.0))
-            h = train(spec, f"hybrid:{var}", steps, lr, rep, hybrid, args.accelerator, seed=args.seed)
+            until = (lambda cb: [PredictUntil(cb, args.predict_until)]) if args.predict_until else None
+            h = train(spec, f"hybrid:{var}", steps, lr, rep, hybrid, args.accelerator, seed=args.seed,
+                      extra_callbacks=until)
             runs.append(h)
             _say(name, h)
             if h.backward_passes < h.steps:  # it predicted: plain training for as many real steps
@@ -341,6 +358,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="init and data-order seed of the comparison runs (baseline, hybrids, controls)")
     p.add_argument("--regime", default="adamw_cosine", choices=REGIMES,
                    help="training regime; the baseline and the controls train in it too (LR from the regime)")
+    p.add_argument("--predict-until", type=float, default=None, metavar="FRACTION",
+                   help="research: hybrid runs start no Predict phase that would end after this fraction of "
+                        "their steps (0.8 with --regime wsd: the stable phase only)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
@@ -349,6 +369,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.tune and args.regime != "adamw_cosine":
         p.error("--tune sweeps the workload's own learning rates; use it with the default regime")
+    if args.predict_until is not None and not 0 < args.predict_until <= 1:
+        p.error("--predict-until must be in (0, 1]")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.time_to_loss " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -79,6 +80,40 @@ def test_regimes_change_only_what_they_name():
     assert isinstance(regimes.regime_model(model, "low_lr").configure_optimizers()["optimizer"], torch.optim.AdamW)
     sgd = regimes.regime_model(model, "sgd").configure_optimizers()["optimizer"]
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["lr"] == 0.1
+
+
+def test_wsd_regime_warms_up_stays_flat_then_decays_linearly_to_the_final_lr():
+    spec = _quick_mlp()
+    model = time_to_loss._load(spec["model"])(**spec["model_args"], lr=0.1, total_steps=100)
+    out = regimes.regime_model(model, "wsd").configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW) and isinstance(sched.lr_lambdas[0], regimes.WarmupStableDecay)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 5) and lrs[4] == pytest.approx(0.1)  # 5% warmup
+    assert all(x == pytest.approx(0.1) for x in lrs[4:81])  # flat until 80% of the run
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # then falls, linearly, toward 10%
+    assert lrs[99] == pytest.approx(0.1 * (1 - 0.9 * 19 / 20))
+    assert regimes.WarmupStableDecay(100)(1000) == pytest.approx(0.1)
+
+
+def test_predict_until_moves_the_engines_end_of_run_rule_earlier():
+    engine = types.SimpleNamespace(step_limit=1000)
+    cb = time_to_loss.PredictUntil(types.SimpleNamespace(engine=engine), 0.8)
+    trainer = types.SimpleNamespace(max_steps=1000)
+    cb.on_train_batch_start(trainer, None, None, 0)
+    assert engine.step_limit == 800
+    engine.step_limit = 500  # an earlier limit (a resumed run, say) stays
+    cb.on_train_batch_start(trainer, None, None, 1)
+    assert engine.step_limit == 500
+    engine.step_limit = None
+    cb.on_train_batch_start(trainer, None, None, 2)
+    assert engine.step_limit == 800
+    with pytest.raises(SystemExit):
+        time_to_loss.main(["--quick", "--predict-until", "1.5"])
 
 
 def test_predictor_value_runs_anchor_the_lasting_value(capsys):

@@ -120,8 +120,9 @@ class PredictUntil(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         engine = self.hybrid.engine
-        if engine is not None:
-            until = math.floor(self.fraction * trainer.max_steps)
+        if engine is not None and trainer.max_steps > 0:
+            # in the engine's own steps, which lag the global step after a fresh engine on a checkpoint
+            until = engine.step + math.floor(self.fraction * trainer.max_steps) - trainer.global_step
             engine.step_limit = until if engine.step_limit is None else min(engine.step_limit, until)
 
 

@@ -109,6 +109,17 @@ class NanOnRealStep(L.Callback):
             self.step = trainer.global_step
 
 
+class DebtOnRank1(L.Callback):
+    """Rank 1 alone starts with ``seconds`` of observation time owed to the engine's overhead budget."""
+
+    def __init__(self, cb, seconds):
+        self.cb, self.seconds = cb, seconds
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            self.cb.engine.budget.observe_seconds += self.seconds
+
+
 class Events(L.Callback):
     """Records judged Predict phases; at the end of fit (inside each worker, whatever the launcher) every rank
     writes <out>/rank<r>.pt."""
@@ -155,6 +166,9 @@ def main():
     p.add_argument("--ckpt-dir", default="")
     p.add_argument("--resume", default="")
     p.add_argument("--nowcast", type=int, default=0, help="the shipped nowcaster instead of constant velocity")
+    p.add_argument("--debt-on-rank1", type=float, default=0.0,
+                   help="never confident, quick to fall asleep, an overhead budget of 1 (nothing is ever owed), "
+                        "and rank 1 alone starts owing this many seconds of observation: the ranks' clocks disagree")
     args = p.parse_args()
     # a native abort in a worker then prints where it happened (the env var reaches spawned children)
     faulthandler.enable()
@@ -162,11 +176,16 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = DDPModel(batchnorm=bool(args.batchnorm), unused=bool(args.unused))
-    cb = HybridPredictiveTraining(nowcast_config() if args.nowcast else eager_config(), verbose=False)
+    config = nowcast_config() if args.nowcast else eager_config()
+    if args.debt_on_rank1:
+        config.predict_threshold, config.predictor, config.bandit.dormant_after = 0.999, "rssm", 10
+        config.bandit.overhead_budget = 1.0
+    cb = HybridPredictiveTraining(config, verbose=False)
+    callbacks_extra = [DebtOnRank1(cb, args.debt_on_rank1)] if args.debt_on_rank1 else []
     nan = NanAtPhaseEnd(cb, args.nan_after) if args.nan_after >= 0 else None
     if args.nan_real_at >= 0:
         nan = NanOnRealStep(cb, args.nan_real_at)
-    callbacks = ([nan] if nan else []) + [cb, Events(cb, args.out, nan)]
+    callbacks = ([nan] if nan else []) + callbacks_extra + [cb, Events(cb, args.out, nan)]
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1, save_top_k=-1,
                                          filename="{step}"))

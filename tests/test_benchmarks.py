@@ -101,17 +101,20 @@ def test_wsd_regime_warms_up_stays_flat_then_decays_linearly_to_the_final_lr():
 
 
 def test_predict_until_moves_the_engines_end_of_run_rule_earlier():
-    engine = types.SimpleNamespace(step_limit=1000)
+    engine = types.SimpleNamespace(step_limit=1000, step=0)
     cb = time_to_loss.PredictUntil(types.SimpleNamespace(engine=engine), 0.8)
-    trainer = types.SimpleNamespace(max_steps=1000)
+    trainer = types.SimpleNamespace(max_steps=1000, global_step=0)
     cb.on_train_batch_start(trainer, None, None, 0)
     assert engine.step_limit == 800
     engine.step_limit = 500  # an earlier limit (a resumed run, say) stays
     cb.on_train_batch_start(trainer, None, None, 1)
     assert engine.step_limit == 500
-    engine.step_limit = None
+    engine.step_limit, engine.step, trainer.global_step = None, 10, 300  # a fresh engine 300 steps in
     cb.on_train_batch_start(trainer, None, None, 2)
-    assert engine.step_limit == 800
+    assert engine.step_limit == 510
+    engine.step_limit, trainer.max_steps = None, -1  # length unknown: no limit
+    cb.on_train_batch_start(trainer, None, None, 3)
+    assert engine.step_limit is None
     with pytest.raises(SystemExit):
         time_to_loss.main(["--quick", "--predict-until", "1.5"])
 

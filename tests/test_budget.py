@@ -54,6 +54,8 @@ def test_observation_cost_is_the_time_above_the_median_plain_step():
     assert b.steps_owed() == 0  # 3 s of observing may take 30 s of run; 93.5 s ran
     b.record(20.0, "observe")  # 19 s more: 22 s may take 220 s; 113.5 s ran, 106.5 plain steps to go
     assert b.steps_owed() == math.ceil(22.0 / 0.1 - 113.5) == 107
+    b.forgive()  # a Predict phase paid: the observing so far is not owed any more
+    assert b.observe_seconds == 0.0 and b.steps_owed() == 0 and b.run_seconds == 113.5
     with pytest.raises(ValueError, match="kind"):
         b.record(1.0, "real")
     assert OverheadBudget(None).steps_owed() == 0

@@ -74,6 +74,16 @@ def test_nan_loss_on_one_rank_skips_the_update_on_both(tmp_path):
     assert all(torch.isfinite(v).all() for v in a["params"].values())
 
 
+def test_ranks_whose_clocks_disagree_wake_at_the_same_step(tmp_path):
+    # rank 1 owes sleep to the overhead budget, rank 0 nothing: both must take the budget's decision
+    # together (from the mean over ranks), or one would wake while the other sleeps
+    a, b = run_ddp(tmp_path, "--debt-on-rank1", "1000")
+    assert_ranks_identical(a, b)
+    assert a["counters"]["budget_extensions"] == 1 and a["counters"]["dormant_periods"] == 1
+    assert a["counters"]["dormant_steps"] == 120 - 26  # asleep after 10 + 6 + 10 steps, to the end
+    assert a["steps"]["PREDICT"] == 0
+
+
 def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
     ckpts = tmp_path / "ckpts"
     a, b = run_ddp(tmp_path / "ref", "--ckpt-dir", str(ckpts))

@@ -101,7 +101,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_full_engine_state(refe
     ckpt = torch.load(d / f"step={k}.ckpt", weights_only=True)
     [state] = [v for key, v in ckpt["callbacks"].items() if key.startswith("HybridPredictiveTraining")]
     engine = state["engine"]
-    for part in ("state", "trajectory", "dynamics", "residuals", "corrector", "monitor", "bandit", "phase",
+    for part in ("state", "trajectory", "dynamics", "residuals", "corrector", "monitor", "bandit", "budget", "phase",
                  "counters", "prediction", "phase_start"):
         assert part in engine
     assert engine["phase"][0] == int(Phase.PREDICT)
@@ -195,3 +195,7 @@ def test_line_search_forwards_are_charged_to_the_predict_phase(monkeypatch):
     seconds = cb.report.seconds
     assert seconds["PREDICT"] >= 1000.0 * forwards
     assert all(seconds[p] < 1000.0 for p in ("WARMUP", "FULL", "CORRECT"))
+    # the overhead budget sees the probes' steps as prediction's own cost, not as plain or observation steps
+    budget = cb.engine.budget
+    assert budget.run_seconds >= 1000.0 * forwards and budget.plain_step() < 1000.0
+    assert budget.observe_seconds < 1000.0

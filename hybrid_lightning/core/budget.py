@@ -56,6 +56,10 @@ class OverheadBudget:
         owed = self.observe_seconds / self.fraction - self.run_seconds
         return max(0, math.ceil(owed / base))
 
+    def forgive(self) -> None:
+        """Clear the observation time owed so far (a Predict phase paid for it)."""
+        self.observe_seconds = 0.0
+
     def state_dict(self) -> dict[str, Any]:
         return {"plain": list(self._plain), "run_seconds": self.run_seconds,
                 "observe_seconds": self.observe_seconds}

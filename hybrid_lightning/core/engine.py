@@ -11,7 +11,11 @@ and returns a float that is identical on every process. At the end of a Predict 
 calls it twice, once with the phase's result and once with the pre-phase snapshot swapped in: the
 phase is kept only if it did not raise the loss on that same batch; otherwise it is rolled back
 bit for bit. Every decision depends only on the observations, the parameters and the seed, so
-the engine is deterministic, rank-consistent, and resumes exactly from ``state_dict()``.
+the engine is deterministic, rank-consistent, and resumes exactly from ``state_dict()`` -- with one
+exception by design: a caller that reports step times (``record_seconds``) lets
+``bandit.overhead_budget`` lengthen dormant periods by wall-clock, so when the engine wakes, and what
+it predicts after, can differ between runs. ``overhead_budget: None`` (or reporting no times) makes
+the schedule step-exact again.
 """
 
 from __future__ import annotations
@@ -353,7 +357,9 @@ class HybridEngine:
         """The wall-clock of the step just observed, from its start to the end of ``observe``.
 
         It feeds ``config.bandit.overhead_budget``; a caller that never reports times gets the
-        step-count dormancy alone."""
+        step-count dormancy alone. With several processes, set ``mean_across_processes`` first:
+        each process's clock differs, and processes that wake at different steps would then
+        disagree about which steps run backward."""
         if self._last_kind is not None:
             self.budget.record(seconds, self._last_kind)
             self._last_kind = None
@@ -418,6 +424,7 @@ class HybridEngine:
 
     def _resync(self) -> None:
         """The parameters moved other than by observed real steps: observe afresh from here."""
+        self._observed = True  # reading the parameters is observation work (the budget charges it)
         self.trajectory.sync()
         self._last_block_loss = None
         self._block_loss, self._block_count = 0.0, 0
@@ -458,6 +465,7 @@ class HybridEngine:
     def _steps_owed(self) -> int:
         owed = self.budget.steps_owed()
         if self.mean_across_processes is not None:  # every process must wake at the same step
+            # the ceiling of the mean: while any process still owes, all sleep a little longer
             owed = math.ceil(self.mean_across_processes(float(owed)))
         return max(0, int(owed))
 
@@ -569,6 +577,7 @@ class HybridEngine:
             self._horizon_cap = min(longer, default=self._horizon_cap)
             self._cooldown_len = cfg.bandit.cooldown_steps
             self._dormant_len = cfg.bandit.dormant_after
+            self.budget.forgive()  # the observing that led here paid for itself
         elif not kept and not refused:
             self._shrink_horizon()
         self._prediction, self._phase_start, self._displacement = None, None, None
@@ -700,5 +709,6 @@ class HybridEngine:
         self._refused_in_row = int(sd.get("refused_in_row", 0))
         self.counters.update({k: int(v) for k, v in sd["counters"].items()})
         self._plan = None
+        self._last_kind = None
         if not self.prediction_enabled or self.dormant:
             self._release_while_idle()

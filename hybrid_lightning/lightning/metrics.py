@@ -85,7 +85,7 @@ class HybridReport:
     skipped_nonfinite_steps: int = 0
     probe_forwards: int = 0
     dormant_steps: int = 0  # real steps with the dynamics model asleep (no Predict phase for a long time)
-    budget_extensions: int = 0  # dormant periods lengthened to keep observation within bandit.overhead_budget
+    budget_extensions: int = 0  # times a dormant period was lengthened by bandit.overhead_budget (can repeat)
     observe_share: float = float("nan")  # measured: observation time above a plain step / all step time
     mean_abs_residual: float = float("nan")
     mean_value: float = float("nan")  # q: loss progress per predicted step relative to a real one
@@ -159,7 +159,7 @@ class HybridReport:
             f"cost ratio predict/full step   : {fmt(self.cost_ratio)}  (measured wall-clock)",
             f"horizon cap at the end         : {self.final_horizon_cap}",
             f"dormant (monitor-only) steps   : {self.dormant_steps}"
-            f"  (periods lengthened by the overhead budget: {self.budget_extensions})",
+            f"  (lengthened by the overhead budget: {self.budget_extensions} times)",
             f"observation time / step time   : {fmt(self.observe_share)}  (measured wall-clock)",
         ]
         return "\n".join(lines)

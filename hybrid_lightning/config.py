@@ -85,7 +85,7 @@ class BanditConfig:
     value_floor: float = 1.0  # q a kept phase must beat to pay: with max_steps fixed, q < 1 costs final loss
     cooldown_steps: int = 100  # full steps without prediction once the horizon cap reaches 0 (doubles; 0: none)
     dormant_after: int = 100  # steps past min_full_steps with no Predict phase before the dynamics sleep (0: never)
-    overhead_budget: float | None = 0.05  # share of step time observing may take; sleep on past it (None: no limit)
+    overhead_budget: float | None = 0.03  # share of step time observing may take; sleep on past it (None: no limit)
 
 
 @dataclass

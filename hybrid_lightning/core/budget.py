@@ -8,6 +8,7 @@ from collections import deque
 from typing import Any
 
 _MIN_PLAIN = 8  # plain steps timed before an observation's extra time can be measured
+_MAX_PENDING = 4096  # observation steps kept until then
 
 
 class OverheadBudget:
@@ -23,6 +24,7 @@ class OverheadBudget:
     def __init__(self, fraction: float | None, window: int = 64) -> None:
         self.fraction = fraction
         self._plain: deque[float] = deque(maxlen=window)
+        self._pending: list[float] = []  # observation steps timed before a plain step's time was known
         self.run_seconds = 0.0
         self.observe_seconds = 0.0
 
@@ -34,10 +36,16 @@ class OverheadBudget:
         self.run_seconds += seconds
         if kind == "plain":
             self._plain.append(seconds)
+            base = self.plain_step()
+            if self._pending and base is not None:  # e.g. stride 1: the first plain steps come while dormant
+                self.observe_seconds += sum(max(0.0, s - base) for s in self._pending)
+                self._pending.clear()
         elif kind == "observe":
             base = self.plain_step()
             if base is not None:
                 self.observe_seconds += max(0.0, seconds - base)
+            elif len(self._pending) < _MAX_PENDING:
+                self._pending.append(seconds)
 
     def plain_step(self) -> float | None:
         """Median seconds of the recent plain steps (None until enough were timed)."""
@@ -61,13 +69,15 @@ class OverheadBudget:
         self.observe_seconds = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plain": list(self._plain), "run_seconds": self.run_seconds,
+        return {"plain": list(self._plain), "pending": list(self._pending), "run_seconds": self.run_seconds,
                 "observe_seconds": self.observe_seconds}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         plain = [float(x) for x in sd["plain"]]
+        pending = [float(x) for x in sd.get("pending", [])][:_MAX_PENDING]
         run, observe = float(sd["run_seconds"]), float(sd["observe_seconds"])
-        if not all(math.isfinite(x) and x >= 0 for x in (*plain, run, observe)):
+        if not all(math.isfinite(x) and x >= 0 for x in (*plain, *pending, run, observe)):
             raise ValueError("overhead budget state holds negative or non-finite times")
         self._plain = deque(plain, maxlen=self._plain.maxlen)
+        self._pending = pending
         self.run_seconds, self.observe_seconds = run, observe

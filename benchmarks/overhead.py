@@ -11,6 +11,10 @@ more than ``bandit.overhead_budget`` of the time); the same without the budget
 dynamics-model training on every observation, all run long). Per-step wall time after 50 warm-up
 steps, no validation. Target for the first ratio: <= 1.03. ``--modes`` runs a subset. Last lines: one
 JSON object per workload, with the plugin's own measured observation share where it ran.
+
+Research mode ``monitor_late_read`` (not in the default set): monitor-only, but the loss is not read
+before the optimizer step (so no device sync there, and no non-finite skip); it is read after the
+step was launched. Against ``monitor_only`` it measures what that pre-step sync costs on a GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +34,20 @@ from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 
 MODES = {"plain": None, "monitor_only": {"predict_threshold": 1.0}, "never_confident": {"predict_threshold": 0.999},
          "no_budget": {"predict_threshold": 0.999, "bandit": {"overhead_budget": None}},
-         "never_dormant": {"predict_threshold": 0.999, "bandit": {"dormant_after": 0}}}
+         "never_dormant": {"predict_threshold": 0.999, "bandit": {"dormant_after": 0}},
+         "monitor_late_read": {"predict_threshold": 1.0}}
 TITLES = {"monitor_only": "threshold 1.0 (monitor only)", "never_confident": "default, never confident",
-          "no_budget": "same, no overhead budget", "never_dormant": "same, dormant_after 0"}
+          "no_budget": "same, no overhead budget", "never_dormant": "same, dormant_after 0",
+          "monitor_late_read": "monitor only, loss read after the step"}
+DEFAULT_MODES = ["monitor_only", "never_confident", "no_budget", "never_dormant"]
+
+
+class LateLossRead(HybridPredictiveTraining):
+    """Research: takes this step's loss but does not read it before the optimizer step (no device sync
+    there, no non-finite skip, no gradient norm); ``on_train_batch_end`` then reads the step's loss."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        trainer.strategy.hybrid_take_loss()
 
 
 class StepClock(Callback):
@@ -54,14 +69,15 @@ def _sync(pl_module) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu") -> tuple[float, dict]:
+def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu",
+             callback: type[HybridPredictiveTraining] = HybridPredictiveTraining) -> tuple[float, dict]:
     """-> seconds per step, and the plugin's report (empty without the plugin)."""
     L.seed_everything(0, verbose=False)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
     data = _load(spec["data"])(**spec["data_args"])
     clock = StepClock()
     callbacks: list = [clock]
-    cb = HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False) if hybrid is not None else None
+    cb = callback(HybridConfig.from_dict(hybrid), verbose=False) if hybrid is not None else None
     if cb is not None:
         callbacks.append(cb)
     L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid is not None else "auto",
@@ -79,8 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modes", nargs="+", default=list(MODES)[1:], choices=list(MODES)[1:],
-                   help="plugin modes to compare with plain Lightning (default: all)")
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES)[1:],
+                   help=f"plugin modes to compare with plain Lightning (default: {' '.join(DEFAULT_MODES)})")
     args = p.parse_args(argv)
     modes = {"plain": None, **{m: MODES[m] for m in args.modes}}
     torch.set_num_threads(1)
@@ -91,7 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reports: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode, hybrid in modes.items():  # interleaved
-                seconds, report = per_step(spec, args.steps, hybrid, args.accelerator)
+                kind = LateLossRead if mode == "monitor_late_read" else HybridPredictiveTraining
+                seconds, report = per_step(spec, args.steps, hybrid, args.accelerator, kind)
                 times[mode].append(seconds)
                 reports[mode].append(report)
         med = {m: statistics.median(t) for m, t in times.items()}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import dynamics_quality, hook_profile, predictor_value, regimes, step_cost, time_to_loss
+from benchmarks import dynamics_quality, hook_profile, overhead, predictor_value, regimes, step_cost, time_to_loss
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -117,6 +117,20 @@ def test_predict_until_moves_the_engines_end_of_run_rule_earlier():
     assert engine.step_limit is None
     with pytest.raises(SystemExit):
         time_to_loss.main(["--quick", "--predict-until", "1.5"])
+
+
+def test_overhead_late_read_mode_still_gives_the_engine_every_loss(monkeypatch):
+    seen = []
+    observe = overhead.LateLossRead.on_train_batch_end
+
+    def spy(self, trainer, pl_module, outputs, batch, batch_idx):
+        observe(self, trainer, pl_module, outputs, batch, batch_idx)
+        seen.append(self.engine.state.loss)
+
+    monkeypatch.setattr(overhead.LateLossRead, "on_train_batch_end", spy)
+    seconds, report = overhead.per_step(_quick_mlp(), 60, {"predict_threshold": 1.0}, "cpu", overhead.LateLossRead)
+    assert math.isfinite(seconds) and seconds > 0 and report["observe_share"] == 0.0
+    assert len(seen) == 60 and all(math.isfinite(x) for x in seen)
 
 
 def test_predictor_value_runs_anchor_the_lasting_value(capsys):

@@ -321,6 +321,7 @@ class HybridEngine:
         self._unreported = None
         ps = self.phase_state
         report.dormant = self.dormant
+        self._observed = False  # set by whatever reads the parameters for the trajectory on this step
         if plan.phase is Phase.PREDICT:
             div = self._observe_predicted(plan, obs)
         else:
@@ -366,7 +367,6 @@ class HybridEngine:
 
     def _observe_predicted(self, plan: StepPlan, obs: StepObservation) -> DivergenceReport:
         self.counters["predicted_steps"] += 1
-        self._observed = False
         self.state.record_predicted(obs.loss)
         if obs.loss is None:
             return DivergenceReport()
@@ -377,7 +377,6 @@ class HybridEngine:
 
     def _observe_real(self, obs: StepObservation) -> DivergenceReport:
         self.counters["real_steps"] += 1
-        self._observed = False
         if obs.skipped:
             self.counters["skipped_steps"] += 1
             self.state.record_real(float("nan"))

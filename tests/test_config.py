@@ -85,6 +85,9 @@ OUT_OF_RANGE = [
     ("bandit.alpha", -0.1),
     ("bandit.ridge", 0.0),
     ("bandit.cooldown_steps", -5),
+    ("bandit.overhead_budget", 0.0),
+    ("bandit.overhead_budget", 1.5),
+    ("bandit.overhead_budget", float("nan")),
 ]
 
 
@@ -134,3 +137,12 @@ def test_valid_configs_round_trip_through_yaml(warmup, min_full, max_pred, thr, 
     cfg.validate()
     back = HybridConfig.from_dict(OmegaConf.to_container(OmegaConf.create(cfg.to_yaml())))
     assert back == cfg
+
+
+def test_overhead_budget_can_be_switched_off_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("bandit:\n  overhead_budget: null\n")
+    cfg = HybridConfig.from_yaml(path)
+    assert cfg.bandit.overhead_budget is None and HybridConfig().bandit.overhead_budget == 0.03
+    cfg.save_yaml(tmp_path / "d.yaml")
+    assert HybridConfig.from_yaml(tmp_path / "d.yaml") == cfg

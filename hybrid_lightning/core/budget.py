@@ -36,8 +36,8 @@ class OverheadBudget:
         self.run_seconds += seconds
         if kind == "plain":
             self._plain.append(seconds)
-            base = self.plain_step()
-            if self._pending and base is not None:  # e.g. stride 1: the first plain steps come while dormant
+            base = self.plain_step() if self._pending else None  # the median only when something waits for it
+            if base is not None:  # e.g. stride 1: the first plain steps come while dormant
                 self.observe_seconds += sum(max(0.0, s - base) for s in self._pending)
                 self._pending.clear()
         elif kind == "observe":

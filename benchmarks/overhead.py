@@ -12,9 +12,10 @@ dynamics-model training on every observation, all run long). Per-step wall time 
 steps, no validation. Target for the first ratio: <= 1.03. ``--modes`` runs a subset. Last lines: one
 JSON object per workload, with the plugin's own measured observation share where it ran.
 
-Research mode ``monitor_late_read`` (not in the default set): monitor-only, but the loss is not read
-before the optimizer step (so no device sync there, and no non-finite skip); it is read after the
-step was launched. Against ``monitor_only`` it measures what that pre-step sync costs on a GPU.
+Modes ``monitor_read_each`` and ``never_confident_read_each`` (not in the default set) are the first two
+with ``idle_read_every: 1``: the loss is read to the host on every step (a device sync on a GPU), as
+before late reads existed. Against them, the default modes measure what reading losses 16 steps at a
+time saves.
 """
 
 from __future__ import annotations
@@ -35,19 +36,13 @@ from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 MODES = {"plain": None, "monitor_only": {"predict_threshold": 1.0}, "never_confident": {"predict_threshold": 0.999},
          "no_budget": {"predict_threshold": 0.999, "bandit": {"overhead_budget": None}},
          "never_dormant": {"predict_threshold": 0.999, "bandit": {"dormant_after": 0}},
-         "monitor_late_read": {"predict_threshold": 1.0}}
+         "monitor_read_each": {"predict_threshold": 1.0, "idle_read_every": 1},
+         "never_confident_read_each": {"predict_threshold": 0.999, "idle_read_every": 1}}
 TITLES = {"monitor_only": "threshold 1.0 (monitor only)", "never_confident": "default, never confident",
           "no_budget": "same, no overhead budget", "never_dormant": "same, dormant_after 0",
-          "monitor_late_read": "monitor only, loss read after the step"}
+          "monitor_read_each": "monitor only, loss read every step",
+          "never_confident_read_each": "never confident, loss read every step"}
 DEFAULT_MODES = ["monitor_only", "never_confident", "no_budget", "never_dormant"]
-
-
-class LateLossRead(HybridPredictiveTraining):
-    """Research: takes this step's loss but does not read it before the optimizer step (no device sync
-    there, no non-finite skip, no gradient norm); ``on_train_batch_end`` then reads the step's loss."""
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        trainer.strategy.hybrid_take_loss()
 
 
 class StepClock(Callback):
@@ -69,15 +64,14 @@ def _sync(pl_module) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu",
-             callback: type[HybridPredictiveTraining] = HybridPredictiveTraining) -> tuple[float, dict]:
+def per_step(spec: dict, steps: int, hybrid: dict | None, accelerator: str = "cpu") -> tuple[float, dict]:
     """-> seconds per step, and the plugin's report (empty without the plugin)."""
     L.seed_everything(0, verbose=False)
     model = _load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0)
     data = _load(spec["data"])(**spec["data_args"])
     clock = StepClock()
     callbacks: list = [clock]
-    cb = callback(HybridConfig.from_dict(hybrid), verbose=False) if hybrid is not None else None
+    cb = HybridPredictiveTraining(HybridConfig.from_dict(hybrid), verbose=False) if hybrid is not None else None
     if cb is not None:
         callbacks.append(cb)
     L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, strategy="hybrid" if hybrid is not None else "auto",
@@ -107,8 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reports: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode, hybrid in modes.items():  # interleaved
-                kind = LateLossRead if mode == "monitor_late_read" else HybridPredictiveTraining
-                seconds, report = per_step(spec, args.steps, hybrid, args.accelerator, kind)
+                seconds, report = per_step(spec, args.steps, hybrid, args.accelerator)
                 times[mode].append(seconds)
                 reports[mode].append(report)
         med = {m: statistics.median(t) for m, t in times.items()}

@@ -100,6 +100,7 @@ class HybridConfig:
     monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
     predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "nowcast", "null"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
+    idle_read_every: int = 16  # on a GPU, while only monitoring: read the losses k steps at a time (no sync per step)
     after_jump: str = "keep"  # optimizer state after a kept Predict phase: "keep", "zero_momentum", or "reset"
     line_search: list[float] | None = None  # step lengths x the displacement, one probe each; none beats 0: no phase
     seed: int = 0  # seeds the dynamics model (initial weights, latent samples)
@@ -168,6 +169,7 @@ class HybridConfig:
         c.int_range("monitor_every", self.monitor_every, 0, None)
         c.choice("predictor", self.predictor, PREDICTORS)
         c.choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        c.int_range("idle_read_every", self.idle_read_every, 1, 10_000)
         c.choice("after_jump", self.after_jump, AFTER_JUMP)
         c.int_range("seed", self.seed, 0, 2**63 - 1)
         if self.line_search is not None:

@@ -119,18 +119,12 @@ def test_predict_until_moves_the_engines_end_of_run_rule_earlier():
         time_to_loss.main(["--quick", "--predict-until", "1.5"])
 
 
-def test_overhead_late_read_mode_still_gives_the_engine_every_loss(monkeypatch):
-    seen = []
-    observe = overhead.LateLossRead.on_train_batch_end
-
-    def spy(self, trainer, pl_module, outputs, batch, batch_idx):
-        observe(self, trainer, pl_module, outputs, batch, batch_idx)
-        seen.append(self.engine.state.loss)
-
-    monkeypatch.setattr(overhead.LateLossRead, "on_train_batch_end", spy)
-    seconds, report = overhead.per_step(_quick_mlp(), 60, {"predict_threshold": 1.0}, "cpu", overhead.LateLossRead)
-    assert math.isfinite(seconds) and seconds > 0 and report["observe_share"] == 0.0
-    assert len(seen) == 60 and all(math.isfinite(x) for x in seen)
+def test_overhead_modes_run_the_configs_they_name():
+    assert overhead.MODES["monitor_read_each"]["idle_read_every"] == 1
+    for mode in ("monitor_only", "monitor_read_each"):
+        seconds, report = overhead.per_step(_quick_mlp(), 60, overhead.MODES[mode], "cpu")
+        assert math.isfinite(seconds) and seconds > 0
+        assert report["observe_share"] == 0.0 and report["dormant_steps"] == 0  # prediction off: never asleep
 
 
 def test_predictor_value_runs_anchor_the_lasting_value(capsys):

@@ -151,3 +151,37 @@ def test_line_search_trials_are_undone_exactly_on_cuda():
     assert rec.exact and all(rec.exact)
     assert c["phases"] > 0 and c["phases"] - (c["kept"] + c["rollbacks"] + c["refused"]) in (0, 1)  # 1: still open
     _states_finite(model, tr)
+
+
+def test_monitoring_on_cuda_reads_losses_late_and_a_nonfinite_one_stops_the_run():
+    """Only monitoring on a GPU, the callback hands the engine device tensors and the engine reads them
+    idle_read_every at a time: the report still has every step's loss, and a NaN stops the run clearly."""
+    from hybrid_lightning import HybridConfig, NumericalError
+    from hybrid_lightning.core.engine import HybridEngine
+
+    cfg = HybridConfig(warmup_steps=10, predict_threshold=1.0, idle_read_every=8).validate()
+    unread = []
+    original = HybridEngine.observe
+
+    def spy(self, obs, probe=None):
+        unread.append(torch.is_tensor(obs.loss))
+        return original(self, obs, probe)
+
+    cb = HybridPredictiveTraining(cfg, verbose=False)
+    torch.manual_seed(0)
+    model = StepDataOnDevice()
+    HybridEngine.observe = spy
+    try:
+        trainer([cb], max_steps=60, accelerator="cuda", devices=1, strategy="hybrid").fit(model)
+    finally:
+        HybridEngine.observe = original
+    assert sum(unread) == 50 and [s for s, _, _ in cb.report.curve] == list(range(60))
+
+    class NaNAt30(StepDataOnDevice):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 30 else loss
+
+    with pytest.raises(NumericalError, match="step 30"):
+        trainer([HybridPredictiveTraining(cfg, verbose=False)], max_steps=60, accelerator="cuda", devices=1,
+                strategy="hybrid").fit(NaNAt30())

@@ -65,6 +65,9 @@ class StepPlan:
     delta: list[Tensor] | None = None  # predicted step: add this to the parameters
     run_forward: bool = True  # predicted step: run the user's forward for monitoring
     measure_grad_norm: bool = False  # real step: report the gradient norm before clipping
+    # real step while the engine only monitors: loss and grad_norm may be observed unread (device tensors); the
+    # engine reads them config.idle_read_every steps at a time, so the caller need not sync the device each step
+    read_late: bool = False
     predicted_loss: float | None = None  # predicted step: loss expected at the current parameters
     predicted_std: float | None = None
 
@@ -75,8 +78,10 @@ class StepPlan:
 
 @dataclass
 class StepObservation:
-    loss: float | None = None  # mean training loss of the step over all processes (None: no forward ran)
-    grad_norm: float | None = None  # global gradient norm before clipping (real steps, when asked)
+    # mean training loss of the step over all processes (None: no forward ran); a 1-element tensor where the plan
+    # says read_late
+    loss: float | Tensor | None = None
+    grad_norm: float | Tensor | None = None  # global gradient norm before clipping (real steps, when asked)
     skipped: bool = False  # the real step's optimizer update was skipped (non-finite gradients)
 
 
@@ -121,6 +126,7 @@ class StepReport:
     events: list[HybridTrainingError] = field(default_factory=list)
     phase_result: PhaseResult | None = None
     dormant: bool = False  # the engine was dormant during this step (monitor only)
+    late_losses: list[tuple[int, float | None]] = field(default_factory=list)  # (step, loss) of earlier steps, read now
 
     @property
     def rolled_back(self) -> bool:
@@ -170,6 +176,8 @@ class HybridEngine:
         self.budget = OverheadBudget(cfg.bandit.overhead_budget)
         self._last_kind: str | None = None  # what the last observed step was, for record_seconds
         self._observed = False
+        self._late: list[tuple[int, Any, Any]] = []  # (step, loss, grad_norm) of monitored steps not read yet
+        self._late_read: list[tuple[int, float | None]] = []  # read since the last report
         # Under DDP: the mean of a number over all processes (set by the adapter), so that a decision taken
         # from each process's own clock is the same on every process. None: one process.
         self.mean_across_processes: Callable[[float], float] | None = None
@@ -224,9 +232,17 @@ class HybridEngine:
             plan = self._plan_predicted_step()
         else:
             due = self.trajectory._since_sync + 1 >= self.config.trajectory.stride
-            plan = StepPlan(self.step, ps.phase, measure_grad_norm=due)
+            plan = StepPlan(self.step, ps.phase, measure_grad_norm=due, read_late=self._may_read_late())
         self._plan = plan
         return plan
+
+    def _may_read_late(self) -> bool:
+        """This step and the next only monitor, so nothing decided before the next step needs its values."""
+        if self.config.idle_read_every <= 1 or self.phase_state.phase is not Phase.FULL:
+            return False
+        if not self.prediction_enabled:
+            return True
+        return self.dormant and self.step + 1 < self._dormant_until  # the waking step reads everything
 
     def _begin_predict(self) -> None:
         ps = self.phase_state
@@ -322,10 +338,15 @@ class HybridEngine:
         ps = self.phase_state
         report.dormant = self.dormant
         self._observed = False  # set by whatever reads the parameters for the trajectory on this step
-        if plan.phase is Phase.PREDICT:
-            div = self._observe_predicted(plan, obs)
+        if plan.read_late and not obs.skipped and (self._late or _unread(obs)):
+            div = self._observe_late(obs)
         else:
-            div = self._observe_real(obs)
+            self.read_late()  # what was observed before this step first, in order
+            obs = StepObservation(_host(obs.loss), _host(obs.grad_norm), obs.skipped)
+            if plan.phase is Phase.PREDICT:
+                div = self._observe_predicted(plan, obs)
+            else:
+                div = self._observe_real(obs)
         if div.error is not None:
             self._events.append(div.error)
             self.counters["divergence_events"] += 1
@@ -347,6 +368,7 @@ class HybridEngine:
                 report.phase_result = self._begin_with_line_search(probe)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
+        report.late_losses, self._late_read = self._late_read, []
         if plan.phase is Phase.PREDICT or obs.skipped or report.phase_result is not None or \
                 report.next_phase is Phase.PREDICT:
             self._last_kind = "other"  # prediction's own cost: the bandit weighs it, not the budget
@@ -374,6 +396,44 @@ class HybridEngine:
         assert self._phase_start is not None
         self._phase_start["forwards"] += 1
         return self.monitor.check_predicted(obs.loss, plan.predicted_loss, plan.predicted_std)
+
+    def _observe_late(self, obs: StepObservation) -> DivergenceReport:
+        """A monitored step whose values are read later: its bookkeeping now, the monitor's checks at the read."""
+        self.counters["real_steps"] += 1
+        if self.dormant:
+            self.counters["dormant_steps"] += 1
+        if self.trajectory.step_taken():
+            self.trajectory.skip_observation()
+        self._late.append((self.step, obs.loss, obs.grad_norm))
+        if len(self._late) >= self.config.idle_read_every:
+            self.read_late()
+        return DivergenceReport()
+
+    def read_late(self) -> None:
+        """Read the monitored steps' values not read yet, in one host transfer, and check and record them in order.
+
+        The engine calls it every ``idle_read_every`` such steps and before any other step; call it at the end
+        of training. A non-finite loss found here was not skipped: its update reached the weights."""
+        late, self._late = self._late, []
+        if not late:
+            return
+        values = _read([v for _, loss, norm in late for v in (loss, norm)])
+        for (step, _, _), loss, norm in zip(late, values[0::2], values[1::2], strict=True):
+            div = self.monitor.check_real(loss, norm)
+            self.state.record_real(loss if loss is not None else float("nan"), norm)
+            if div.error is not None:
+                self._events.append(div.error)
+                self.counters["divergence_events"] += 1
+            if div.alarm or div.action is RecoveryAction.REDUCE_HORIZON:
+                self._shrink_horizon(after=step)
+            self._late_read.append((step, loss))
+
+    def flush(self) -> tuple[list[tuple[int, float | None]], list[HybridTrainingError]]:
+        """At the end of training: read what waits. -> (step, loss) pairs and events not reported yet."""
+        self.read_late()
+        late, self._late_read = self._late_read, []
+        events, self._events = self._events, []
+        return late, events
 
     def _observe_real(self, obs: StepObservation) -> DivergenceReport:
         self.counters["real_steps"] += 1
@@ -613,17 +673,18 @@ class HybridEngine:
         traj.rollback()
         return False, after, corrected, 1
 
-    def _shrink_horizon(self) -> None:
-        """Halve the horizon cap to the next arm down; at 0, pause prediction for a doubling cooldown."""
+    def _shrink_horizon(self, after: int | None = None) -> None:
+        """Halve the horizon cap to the next arm down; at 0, pause prediction for a doubling cooldown.
+        ``after``: the step that called for it (default: the one just observed), for values read late."""
         arms = [a for a in self.bandit.arms if 0 < a <= self._horizon_cap // 2]
         if arms:
             self._horizon_cap = max(arms)
             return
-        self._start_cooldown()
+        self._start_cooldown(after)
 
-    def _start_cooldown(self) -> None:
+    def _start_cooldown(self, after: int | None = None) -> None:
         """No Predict phase for a cooldown (doubling each time); after it, probe again."""
-        self._cooldown_until = self.step + self._cooldown_len
+        self._cooldown_until = (self.step if after is None else after + 1) + self._cooldown_len
         self._cooldown_len *= 2  # bandit.cooldown_steps = 0: no cooldown, ever
         self._refused_in_row = 0
         self._horizon_cap = self._first_horizon_cap()
@@ -657,6 +718,7 @@ class HybridEngine:
             "cooldown": [self._cooldown_until, self._cooldown_len],
             "dormancy": [self._awake_since, self._dormant_until, self._dormant_len],
             "budget": self.budget.state_dict(),
+            "late": self._late_as_floats(),
             "refused_in_row": self._refused_in_row,
             "counters": dict(self.counters),
             "state": self.state.state_dict(),
@@ -667,6 +729,13 @@ class HybridEngine:
             "monitor": self.monitor.state_dict(),
             "bandit": self.bandit.state_dict(),
         }
+
+    def _late_as_floats(self) -> list[list[Any]]:
+        """The values waiting to be read, read now but left waiting: saving a state changes no decision."""
+        values = _read([v for _, loss, norm in self._late for v in (loss, norm)])
+        self._late = [(st, loss, norm) for (st, _, _), loss, norm in zip(self._late, values[0::2], values[1::2],
+                                                                          strict=True)]
+        return [list(x) for x in self._late]
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         version = sd.get("version")
@@ -709,5 +778,23 @@ class HybridEngine:
         self.counters.update({k: int(v) for k, v in sd["counters"].items()})
         self._plan = None
         self._last_kind = None
+        # absent from states written before late reads existed: nothing waits
+        self._late = [(int(st), loss, norm) for st, loss, norm in sd.get("late", [])]
+        self._late_read = []
         if not self.prediction_enabled or self.dormant:
             self._release_while_idle()
+
+
+def _unread(obs: StepObservation) -> bool:
+    return isinstance(obs.loss, Tensor) or isinstance(obs.grad_norm, Tensor)
+
+
+def _host(value: float | Tensor | None) -> float | None:
+    return float(value) if isinstance(value, Tensor) else value
+
+
+def _read(values: Sequence[float | Tensor | None]) -> list[float | None]:
+    """Floats for floats, Nones and 1-element tensors, with a single device-to-host transfer for all the tensors."""
+    tensors = [v.detach().float().reshape(1) for v in values if isinstance(v, Tensor)]
+    read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else ())
+    return [next(read) if isinstance(v, Tensor) else v for v in values]

@@ -227,7 +227,8 @@ class HybridPredictiveTraining(Callback):
         plan = self.engine.plan()
         trainer.strategy.hybrid_plan = plan  # type: ignore[attr-defined]
         self._open = {"plan": plan, "global_step": trainer.global_step, "t0": time.perf_counter(),
-                      "loss": None, "loss_value": None, "grad_norm": None, "skipped": False}
+                      "loss": None, "loss_value": None, "grad_norm": None, "skipped": False,
+                      "late": plan.read_late and _reads_late(trainer.strategy.root_device)}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         strategy = trainer.strategy
@@ -248,6 +249,14 @@ class HybridPredictiveTraining(Callback):
             norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads
                     else torch.zeros((), device=strategy.root_device))
             parts.append(norm.reshape(1).to(parts[0].device) if parts else norm.reshape(1))
+        if step["late"]:
+            # The engine only monitors: it reads these later, many steps in one transfer. No device sync here,
+            # so no finiteness check either; a non-finite loss is found at the read (see _check_late).
+            if taken is not None:
+                step["loss_value"] = parts[0] / trainer.world_size
+            if measure:
+                step["grad_norm"] = parts[-1]
+            return
         values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist() if parts else []
         finite = True
         if taken is not None:
@@ -291,6 +300,8 @@ class HybridPredictiveTraining(Callback):
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]
         t_observe = time.perf_counter()
         report = self.engine.observe(obs, probe=probe)
+        if report.late_losses:
+            self._check_late(trainer, report.late_losses)
         # a real step that starts (or, with a line search, refuses) a Predict phase spent its observe() on
         # that phase: the line search's trial forwards are the phase's cost, not the real step's
         starts_phase = report.phase.runs_backward and (report.next_phase is Phase.PREDICT
@@ -310,9 +321,26 @@ class HybridPredictiveTraining(Callback):
             torch.cuda.synchronize(strategy.root_device)
         elapsed = time.perf_counter() - step["t0"]
         self.engine.record_seconds(elapsed)
+        value = None if step["late"] else value
         self._account(report, elapsed - predict_seconds, value)
         self.report.seconds["PREDICT"] += predict_seconds
         self._log(trainer, pl_module, report, value)
+
+    def _check_late(self, trainer: pl.Trainer, late: list[tuple[int, float | None]]) -> None:
+        """Losses of monitored steps, read late: into the curve; a non-finite one was not skipped."""
+        for step, loss in late:
+            if loss is not None and math.isfinite(loss):
+                self._curve.add(step, loss, Phase.FULL)
+        bad = [step for step, loss in late if loss is not None and not math.isfinite(loss)]
+        if not bad or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # with a GradScaler, the scaler skipped those updates itself
+        if all(bool(torch.isfinite(p).all()) for p in self._params):
+            return
+        raise NumericalError(
+            f"non-finite loss at step {bad[0]} and the weights are now NaN/Inf. The plugin was only monitoring and "
+            f"read losses {self.config.idle_read_every} steps at a time (idle_read_every), so that update could "
+            "not be skipped. Lower the learning rate or enable gradient clipping; idle_read_every: 1 skips such "
+            "steps at the cost of a device sync per step.", RecoveryAction.ABORT)
 
     def _account(self, report: StepReport, seconds: float, loss: float | None) -> None:
         name = report.phase.name
@@ -381,6 +409,15 @@ class HybridPredictiveTraining(Callback):
         return s["PREDICT"] / total if total else 0.0
 
     # ------------------------------------------------------------------ end of fit
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None:
+            return
+        late, events = self.engine.flush()
+        for err in events:
+            log.warning("hybrid: %s: %s (recovery: %s)", type(err).__name__, err, err.recovery.value)
+        if late:
+            self._check_late(trainer, late)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finalize()
         # trainer.log_dir is a collective under DDP: every rank must ask, before rank 0 writes
@@ -423,6 +460,12 @@ class HybridPredictiveTraining(Callback):
         r.bandit_mean_reward = {str(k): v for k, v in e.bandit.mean_rewards().items() if k}
         r.final_horizon_cap = e.horizon_cap
         r.curve = list(self._curve.points)
+
+
+def _reads_late(device: torch.device) -> bool:
+    """Pass the engine unread values where reading them syncs an asynchronous device: on a CPU a read is free,
+    and reading at once keeps on_nonfinite's skip for every step."""
+    return device.type != "cpu"
 
 
 _MOMENTA = ("exp_avg", "momentum_buffer")  # Adam/AdamW first moment, SGD momentum

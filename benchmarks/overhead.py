@@ -12,10 +12,10 @@ dynamics-model training on every observation, all run long). Per-step wall time 
 steps, no validation. Target for the first ratio: <= 1.03. ``--modes`` runs a subset. Last lines: one
 JSON object per workload, with the plugin's own measured observation share where it ran.
 
-Modes ``monitor_read_each`` and ``never_confident_read_each`` (not in the default set) are the first two
-with ``idle_read_every: 1``: the loss is read to the host on every step (a device sync on a GPU), as
-before late reads existed. Against them, the default modes measure what reading losses 16 steps at a
-time saves.
+Modes ``monitor_read_late`` and ``never_confident_read_late`` (not in the default set) are the first two
+with ``idle_read_every: 16``: while the engine only monitors, losses are read to the host 16 steps at a
+time instead of on every step (a device sync on a GPU). Against the first two they measure what that
+sync costs.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 MODES = {"plain": None, "monitor_only": {"predict_threshold": 1.0}, "never_confident": {"predict_threshold": 0.999},
          "no_budget": {"predict_threshold": 0.999, "bandit": {"overhead_budget": None}},
          "never_dormant": {"predict_threshold": 0.999, "bandit": {"dormant_after": 0}},
-         "monitor_read_each": {"predict_threshold": 1.0, "idle_read_every": 1},
-         "never_confident_read_each": {"predict_threshold": 0.999, "idle_read_every": 1}}
+         "monitor_read_late": {"predict_threshold": 1.0, "idle_read_every": 16},
+         "never_confident_read_late": {"predict_threshold": 0.999, "idle_read_every": 16}}
 TITLES = {"monitor_only": "threshold 1.0 (monitor only)", "never_confident": "default, never confident",
           "no_budget": "same, no overhead budget", "never_dormant": "same, dormant_after 0",
-          "monitor_read_each": "monitor only, loss read every step",
-          "never_confident_read_each": "never confident, loss read every step"}
+          "monitor_read_late": "monitor only, losses read 16 at a time",
+          "never_confident_read_late": "never confident, losses read 16 at a time"}
 DEFAULT_MODES = ["monitor_only", "never_confident", "no_budget", "never_dormant"]
 
 

@@ -120,8 +120,8 @@ def test_predict_until_moves_the_engines_end_of_run_rule_earlier():
 
 
 def test_overhead_modes_run_the_configs_they_name():
-    assert overhead.MODES["monitor_read_each"]["idle_read_every"] == 1
-    for mode in ("monitor_only", "monitor_read_each"):
+    assert overhead.MODES["monitor_read_late"]["idle_read_every"] == 16
+    for mode in ("monitor_only", "monitor_read_late"):
         seconds, report = overhead.per_step(_quick_mlp(), 60, overhead.MODES[mode], "cpu")
         assert math.isfinite(seconds) and seconds > 0
         assert report["observe_share"] == 0.0 and report["dormant_steps"] == 0  # prediction off: never asleep

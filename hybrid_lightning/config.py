@@ -100,7 +100,7 @@ class HybridConfig:
     monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
     predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "nowcast", "null"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
-    idle_read_every: int = 1  # on a GPU, while only monitoring: read losses k steps at a time (no sync; no NaN skip)
+    idle_read_every: int = 1  # on a GPU, while only monitoring: read losses k steps at a time (no sync, no NaN skip)
     after_jump: str = "keep"  # optimizer state after a kept Predict phase: "keep", "zero_momentum", or "reset"
     line_search: list[float] | None = None  # step lengths x the displacement, one probe each; none beats 0: no phase
     seed: int = 0  # seeds the dynamics model (initial weights, latent samples)

@@ -177,6 +177,16 @@ def test_monitoring_on_cuda_reads_losses_late_and_a_nonfinite_one_stops_the_run(
         HybridEngine.observe = original
     assert sum(unread) == 50 and [s for s, _, _ in cb.report.curve] == list(range(60))
 
+    # with a GradScaler (fp16) the scaler reads its overflow flag every step: the plugin reads at once too
+    unread.clear()
+    HybridEngine.observe = spy
+    try:
+        trainer([HybridPredictiveTraining(cfg, verbose=False)], max_steps=30, accelerator="cuda", devices=1,
+                strategy="hybrid", precision="16-mixed").fit(StepDataOnDevice())
+    finally:
+        HybridEngine.observe = original
+    assert len(unread) == 30 and not any(unread)
+
     class NaNAt30(StepDataOnDevice):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)

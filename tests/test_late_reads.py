@@ -18,6 +18,7 @@ from torch import nn
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining, NumericalError
 from hybrid_lightning.core import engine as engine_mod
 from hybrid_lightning.core.engine import HybridEngine, StepObservation
+from hybrid_lightning.lightning.callback import _identity
 from lightning_helpers import StepData, trainer
 from tests.test_dormancy import _NeverConfident, config, windows
 from tests.test_engine import batch, loss_fn
@@ -45,14 +46,16 @@ def _feed(engine, values, as_tensors, late):
         if plan.read_late and as_tensors:
             deferred += 1
             loss, norm = torch.tensor([loss]), None if norm is None else torch.tensor(norm)
-        late += engine.observe(StepObservation(loss=loss, grad_norm=norm)).late_losses
+        late += engine.observe(StepObservation(loss=loss, grad_norm=norm)).late_values
     return deferred
 
 
 def _decisions(engine):
-    """Everything the values feed: the monitor, the state's statistics, the counters, horizon and cooldown."""
+    """Everything the values feed: the monitor, the state's statistics, the counters, horizon and cooldown, the
+    loss block. (Not the Full phase's step count, which an alarm read late does not reset: nothing uses it while
+    only monitoring, and waking starts it afresh.)"""
     return repr((engine.monitor.state_dict(), engine.state.state_dict(), engine.counters, engine.horizon_cap,
-                 engine._cooldown_until, engine._dormant_until))
+                 engine._cooldown_until, engine._dormant_until, engine._block_loss, engine._block_count))
 
 
 f32 = st.floats(0.125, 10.0, width=32)  # the values a device tensor holds
@@ -79,8 +82,8 @@ def test_reading_late_changes_no_decision_and_reads_k_steps_at_a_time(values, ev
         late += later.flush()[0]
     assert _decisions(later) == _decisions(now)
     # every deferred value came back once, in order, with its step; one transfer per idle_read_every of them
-    assert [s for s, _ in late] == [s for s in range(len(values)) if s >= len(values) - deferred]
-    assert repr([v for _, v in late]) == repr([loss for loss, _ in values[len(values) - deferred:]])
+    assert [s for s, _, _ in late] == [s for s in range(len(values)) if s >= len(values) - deferred]
+    assert repr([v for _, v, _ in late]) == repr([loss for loss, _ in values[len(values) - deferred:]])
     assert len(reads) == (math.ceil(deferred / every) if every > 1 else 0)
 
     # saving with values still waiting reads them but keeps them waiting: resuming changes nothing
@@ -172,3 +175,53 @@ def test_a_nonfinite_loss_read_late_stops_the_run_with_a_clear_error(kind):
         cfg.idle_read_every = every
         tr, cb = _fit(fresh(Faulty, faults={30: (kind, None)}), cfg, late=late)
         assert cb.engine.counters["skipped_steps"] == 1 and all_finite(tr.lightning_module, tr.optimizers[0])
+
+
+class InfGradAt(StepData):
+    """The loss stays finite; its gradients become Inf at step ``at``."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == self.at:
+            loss.register_hook(lambda g: g * float("inf"))
+        return loss
+
+
+def test_nonfinite_gradients_under_a_finite_loss_read_late_stop_the_run_at_their_step():
+    cfg = HybridConfig(warmup_steps=10, predict_threshold=1.0, idle_read_every=8).validate()
+    probe, measured = _engine(cfg), []
+    for s in range(60):
+        plan = probe.plan()
+        if plan.measure_grad_norm:
+            measured.append(s)
+        probe.observe(StepObservation(loss=1.0, grad_norm=1.0 if plan.measure_grad_norm else None))
+    at = next(s for s in measured if s > 20)  # the gradient norm is measured there (every trajectory.stride)
+    with pytest.raises(NumericalError, match=f"step {at}, and the weights"):
+        _fit(fresh(InfGradAt, at=at), cfg, late=True)
+    tr, cb = _fit(fresh(InfGradAt, at=at), cfg, late=False)  # read at once: skipped
+    assert cb.engine.counters["skipped_steps"] == 1 and all_finite(tr.lightning_module, tr.optimizers[0])
+
+
+def test_on_nonfinite_raise_raises_on_a_late_nonfinite_loss_even_where_the_weights_stayed_finite():
+    cfg = HybridConfig(warmup_steps=10, predict_threshold=1.0, idle_read_every=8, on_nonfinite="raise").validate()
+    cb = HybridPredictiveTraining(cfg, verbose=False)
+    cb._params = [torch.zeros(3)]  # finite weights
+    with pytest.raises(NumericalError, match="step 12 .*on_nonfinite='raise'"):
+        cb._check_late(None, [(11, 1.0, None), (12, float("nan"), None)])
+    cb.config = HybridConfig(idle_read_every=8)  # on_nonfinite 'skip': the weights stayed finite, training goes on
+    cb._check_late(None, [(13, float("nan"), None), (14, 1.0, math.inf)])
+    assert [p[0] for p in cb._curve.points] == [11, 14]  # the losses read, finite ones only
+
+
+def test_checkpoint_identity_ignores_defaults_and_settings_that_change_no_decision():
+    assert _identity(HybridConfig()) == {}
+    assert _identity(HybridConfig(idle_read_every=16)) == {}  # switching late reads keeps the plugin state
+    cfg = HybridConfig(warmup_steps=11)
+    cfg.bandit.dormant_after = 50
+    assert _identity(cfg) == {"warmup_steps": 11, "bandit": {"dormant_after": 50}}
+    keys = {HybridPredictiveTraining(c).state_key for c in (HybridConfig(), HybridConfig(idle_read_every=4), cfg)}
+    assert len(keys) == 2

@@ -126,7 +126,8 @@ class StepReport:
     events: list[HybridTrainingError] = field(default_factory=list)
     phase_result: PhaseResult | None = None
     dormant: bool = False  # the engine was dormant during this step (monitor only)
-    late_losses: list[tuple[int, float | None]] = field(default_factory=list)  # (step, loss) of earlier steps, read now
+    # (step, loss, grad_norm) of earlier steps whose values were read late, read now
+    late_values: list[tuple[int, float | None, float | None]] = field(default_factory=list)
 
     @property
     def rolled_back(self) -> bool:
@@ -176,8 +177,9 @@ class HybridEngine:
         self.budget = OverheadBudget(cfg.bandit.overhead_budget)
         self._last_kind: str | None = None  # what the last observed step was, for record_seconds
         self._observed = False
-        self._late: list[tuple[int, Any, Any]] = []  # (step, loss, grad_norm) of monitored steps not read yet
-        self._late_read: list[tuple[int, float | None]] = []  # read since the last report
+        # (step, loss, grad_norm, stride_done) of monitored steps not read yet; stride_done: the step closed a stride
+        self._late: list[tuple[int, Any, Any, bool]] = []
+        self._late_read: list[tuple[int, float | None, float | None]] = []  # read since the last report
         # Under DDP: the mean of a number over all processes (set by the adapter), so that a decision taken
         # from each process's own clock is the same on every process. None: one process.
         self.mean_across_processes: Callable[[float], float] | None = None
@@ -338,7 +340,7 @@ class HybridEngine:
         ps = self.phase_state
         report.dormant = self.dormant
         self._observed = False  # set by whatever reads the parameters for the trajectory on this step
-        if plan.read_late and not obs.skipped and (self._late or _unread(obs)):
+        if plan.read_late and not obs.skipped and _unread(obs):
             div = self._observe_late(obs)
         else:
             self.read_late()  # what was observed before this step first, in order
@@ -368,7 +370,7 @@ class HybridEngine:
                 report.phase_result = self._begin_with_line_search(probe)
         report.next_phase = self.phase_state.phase
         report.events, self._events = self._events, []
-        report.late_losses, self._late_read = self._late_read, []
+        report.late_values, self._late_read = self._late_read, []
         if plan.phase is Phase.PREDICT or obs.skipped or report.phase_result is not None or \
                 report.next_phase is Phase.PREDICT:
             self._last_kind = "other"  # prediction's own cost: the bandit weighs it, not the budget
@@ -402,9 +404,10 @@ class HybridEngine:
         self.counters["real_steps"] += 1
         if self.dormant:
             self.counters["dormant_steps"] += 1
-        if self.trajectory.step_taken():
+        stride_done = self.trajectory.step_taken()
+        if stride_done:
             self.trajectory.skip_observation()
-        self._late.append((self.step, obs.loss, obs.grad_norm))
+        self._late.append((self.step, obs.loss, obs.grad_norm, stride_done))
         if len(self._late) >= self.config.idle_read_every:
             self.read_late()
         return DivergenceReport()
@@ -417,19 +420,22 @@ class HybridEngine:
         late, self._late = self._late, []
         if not late:
             return
-        values = _read([v for _, loss, norm in late for v in (loss, norm)])
-        for (step, _, _), loss, norm in zip(late, values[0::2], values[1::2], strict=True):
+        values = _read([v for _, loss, norm, _ in late for v in (loss, norm)])
+        for (step, _, _, stride_done), loss, norm in zip(late, values[0::2], values[1::2], strict=True):
             div = self.monitor.check_real(loss, norm)
             self.state.record_real(loss if loss is not None else float("nan"), norm)
+            if not stride_done and loss is not None and math.isfinite(loss):  # as _observe_real does
+                self._block_loss += loss
+                self._block_count += 1
             if div.error is not None:
                 self._events.append(div.error)
                 self.counters["divergence_events"] += 1
             if div.alarm or div.action is RecoveryAction.REDUCE_HORIZON:
                 self._shrink_horizon(after=step)
-            self._late_read.append((step, loss))
+            self._late_read.append((step, loss, norm))
 
-    def flush(self) -> tuple[list[tuple[int, float | None]], list[HybridTrainingError]]:
-        """At the end of training: read what waits. -> (step, loss) pairs and events not reported yet."""
+    def flush(self) -> tuple[list[tuple[int, float | None, float | None]], list[HybridTrainingError]]:
+        """At the end of training: read what waits. -> (step, loss, grad_norm) and events not reported yet."""
         self.read_late()
         late, self._late_read = self._late_read, []
         events, self._events = self._events, []
@@ -732,9 +738,9 @@ class HybridEngine:
 
     def _late_as_floats(self) -> list[list[Any]]:
         """The values waiting to be read, read now but left waiting: saving a state changes no decision."""
-        values = _read([v for _, loss, norm in self._late for v in (loss, norm)])
-        self._late = [(st, loss, norm) for (st, _, _), loss, norm in zip(self._late, values[0::2], values[1::2],
-                                                                          strict=True)]
+        values = _read([v for _, loss, norm, _ in self._late for v in (loss, norm)])
+        self._late = [(st, loss, norm, done) for (st, _, _, done), loss, norm
+                      in zip(self._late, values[0::2], values[1::2], strict=True)]
         return [list(x) for x in self._late]
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -779,7 +785,7 @@ class HybridEngine:
         self._plan = None
         self._last_kind = None
         # absent from states written before late reads existed: nothing waits
-        self._late = [(int(st), loss, norm) for st, loss, norm in sd.get("late", [])]
+        self._late = [(int(st), loss, norm, bool(done)) for st, loss, norm, done in sd.get("late", [])]
         self._late_read = []
         if not self.prediction_enabled or self.dormant:
             self._release_while_idle()
@@ -794,7 +800,8 @@ def _host(value: float | Tensor | None) -> float | None:
 
 
 def _read(values: Sequence[float | Tensor | None]) -> list[float | None]:
-    """Floats for floats, Nones and 1-element tensors, with a single device-to-host transfer for all the tensors."""
-    tensors = [v.detach().float().reshape(1) for v in values if isinstance(v, Tensor)]
+    """Floats for floats, Nones and 1-element tensors, with a single device-to-host transfer for all the tensors.
+    In float64, as reading each at once with ``float()`` would give."""
+    tensors = [v.detach().double().reshape(1) for v in values if isinstance(v, Tensor)]
     read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else ())
     return [next(read) if isinstance(v, Tensor) else v for v in values]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -96,7 +97,7 @@ class HybridPredictiveTraining(Callback):
     def state_key(self) -> str:
         # Lightning reads this on every hook call: compute it once (the config is fixed at construction)
         if self._state_key is None:
-            digest = hashlib.sha1(self.config.to_yaml().encode()).hexdigest()[:12]
+            digest = hashlib.sha1(json.dumps(_identity(self.config), sort_keys=True).encode()).hexdigest()[:12]
             self._state_key = self._generate_state_key(config=digest)
         return self._state_key
 
@@ -228,7 +229,9 @@ class HybridPredictiveTraining(Callback):
         trainer.strategy.hybrid_plan = plan  # type: ignore[attr-defined]
         self._open = {"plan": plan, "global_step": trainer.global_step, "t0": time.perf_counter(),
                       "loss": None, "loss_value": None, "grad_norm": None, "skipped": False,
-                      "late": plan.read_late and _reads_late(trainer.strategy.root_device)}
+                      # with a GradScaler the scaler reads its overflow flag every step anyway: nothing to save
+                      "late": (plan.read_late and _reads_late(trainer.strategy.root_device)
+                               and getattr(trainer.precision_plugin, "scaler", None) is None)}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         strategy = trainer.strategy
@@ -252,8 +255,8 @@ class HybridPredictiveTraining(Callback):
         if step["late"]:
             # The engine only monitors: it reads these later, many steps in one transfer. No device sync here,
             # so no finiteness check either; a non-finite loss is found at the read (see _check_late).
-            if taken is not None:
-                step["loss_value"] = parts[0] / trainer.world_size
+            if taken is not None:  # in float64, as the read below divides
+                step["loss_value"] = parts[0].double() / trainer.world_size
             if measure:
                 step["grad_norm"] = parts[-1]
             return
@@ -300,8 +303,8 @@ class HybridPredictiveTraining(Callback):
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]
         t_observe = time.perf_counter()
         report = self.engine.observe(obs, probe=probe)
-        if report.late_losses:
-            self._check_late(trainer, report.late_losses)
+        if report.late_values:
+            self._check_late(trainer, report.late_values)
         # a real step that starts (or, with a line search, refuses) a Predict phase spent its observe() on
         # that phase: the line search's trial forwards are the phase's cost, not the real step's
         starts_phase = report.phase.runs_backward and (report.next_phase is Phase.PREDICT
@@ -326,21 +329,26 @@ class HybridPredictiveTraining(Callback):
         self.report.seconds["PREDICT"] += predict_seconds
         self._log(trainer, pl_module, report, value)
 
-    def _check_late(self, trainer: pl.Trainer, late: list[tuple[int, float | None]]) -> None:
-        """Losses of monitored steps, read late: into the curve; a non-finite one was not skipped."""
-        for step, loss in late:
+    def _check_late(self, trainer: pl.Trainer, late: list[tuple[int, float | None, float | None]]) -> None:
+        """Values of monitored steps, read late: losses into the curve; a non-finite value was not skipped."""
+        for step, loss, _ in late:
             if loss is not None and math.isfinite(loss):
                 self._curve.add(step, loss, Phase.FULL)
-        bad = [step for step, loss in late if loss is not None and not math.isfinite(loss)]
-        if not bad or getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # with a GradScaler, the scaler skipped those updates itself
+        bad = [step for step, loss, norm in late
+               if not all(x is None or math.isfinite(x) for x in (loss, norm))]
+        if not bad:
+            return
+        how = (f"The plugin was only monitoring and read its values {self.config.idle_read_every} steps at a time "
+               "(idle_read_every), so that update could not be skipped. idle_read_every: 1 skips such steps at the "
+               "cost of a device sync per step.")
+        if self.config.on_nonfinite == "raise":
+            raise NumericalError(f"non-finite loss or gradient norm at step {bad[0]} (on_nonfinite='raise'). {how}",
+                                 RecoveryAction.ABORT)
         if all(bool(torch.isfinite(p).all()) for p in self._params):
             return
         raise NumericalError(
-            f"non-finite loss at step {bad[0]} and the weights are now NaN/Inf. The plugin was only monitoring and "
-            f"read losses {self.config.idle_read_every} steps at a time (idle_read_every), so that update could "
-            "not be skipped. Lower the learning rate or enable gradient clipping; idle_read_every: 1 skips such "
-            "steps at the cost of a device sync per step.", RecoveryAction.ABORT)
+            f"non-finite loss or gradient norm at step {bad[0]}, and the weights are now NaN/Inf. {how} Lower the "
+            "learning rate or enable gradient clipping.", RecoveryAction.ABORT)
 
     def _account(self, report: StepReport, seconds: float, loss: float | None) -> None:
         name = report.phase.name
@@ -460,6 +468,29 @@ class HybridPredictiveTraining(Callback):
         r.bandit_mean_reward = {str(k): v for k, v in e.bandit.mean_rewards().items() if k}
         r.final_horizon_cap = e.horizon_cap
         r.curve = list(self._curve.points)
+
+
+# Settings that change no decision: a checkpoint's plugin state stays findable when they change.
+_RUNTIME_ONLY = frozenset({"idle_read_every"})
+
+
+def _identity(config: HybridConfig) -> dict[str, Any]:
+    """What names a configuration in a checkpoint: the settings that differ from their defaults, so a
+    setting added in a later version (at its default) leaves the state of older checkpoints findable."""
+
+    def diff(ours: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in ours.items():
+            if isinstance(value, dict) and isinstance(default.get(key), dict):
+                value = diff(value, default[key])
+                if value:
+                    out[key] = value
+            elif key not in default or value != default[key]:
+                out[key] = value
+        return out
+
+    found = diff(config.to_dict(), HybridConfig().to_dict())
+    return {k: v for k, v in found.items() if k not in _RUNTIME_ONLY}
 
 
 def _reads_late(device: torch.device) -> bool:

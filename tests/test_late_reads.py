@@ -22,7 +22,7 @@ from hybrid_lightning.lightning.callback import _identity
 from lightning_helpers import StepData, trainer
 from tests.test_dormancy import _NeverConfident, config, windows
 from tests.test_engine import batch, loss_fn
-from tests.test_reliability import Faulty, all_finite, fresh
+from tests.test_reliability import Faulty, InfGradAt, all_finite, fresh
 
 
 def _monitor_only(every: int) -> HybridConfig:
@@ -175,20 +175,6 @@ def test_a_nonfinite_loss_read_late_stops_the_run_with_a_clear_error(kind):
         cfg.idle_read_every = every
         tr, cb = _fit(fresh(Faulty, faults={30: (kind, None)}), cfg, late=late)
         assert cb.engine.counters["skipped_steps"] == 1 and all_finite(tr.lightning_module, tr.optimizers[0])
-
-
-class InfGradAt(StepData):
-    """The loss stays finite; its gradients become Inf at step ``at``."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.trainer.global_step == self.at:
-            loss.register_hook(lambda g: g * float("inf"))
-        return loss
 
 
 def test_nonfinite_gradients_under_a_finite_loss_read_late_stop_the_run_at_their_step():

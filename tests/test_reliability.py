@@ -24,6 +24,7 @@ from hybrid_lightning import (
     TrainingInstability,
 )
 from hybrid_lightning.core.dynamics import ConstantVelocity, Rollout
+from hybrid_lightning.core.engine import HybridEngine, StepObservation
 from lightning_helpers import StepData, TinyRegressor, eager_config, trainer
 
 pytestmark = pytest.mark.filterwarnings(
@@ -70,6 +71,20 @@ class Faulty(StepData):
             return loss * value
         if kind == "inf_loss":
             return loss * float("inf")
+        return loss
+
+
+class InfGradAt(StepData):
+    """The loss stays finite; its gradients become Inf at step ``at``."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == self.at:
+            loss.register_hook(lambda g: g * float("inf"))
         return loss
 
 
@@ -176,6 +191,19 @@ def test_nonfinite_can_be_configured_to_stop_with_a_clear_error():
     model = fresh(Faulty, faults={30: ("nan_input", None)})
     with pytest.raises(NumericalError, match="on_nonfinite='raise'"):
         run(model, cfg, steps=80)
+
+
+def test_inf_gradients_on_an_unchecked_step_stop_the_run_at_the_next_skip_instead_of_skipping_forever():
+    cfg = HybridConfig(warmup_steps=10, predict_threshold=1.0).validate()
+    probe, unchecked = HybridEngine(list(torch.nn.Linear(4, 2).parameters()), cfg), []
+    for s in range(60):
+        plan = probe.plan()
+        if not plan.measure_grad_norm:
+            unchecked.append(s)
+        probe.observe(StepObservation(loss=1.0, grad_norm=1.0 if plan.measure_grad_norm else None))
+    at = next(s for s in unchecked if s > 20)
+    with pytest.raises(NumericalError, match=f"non-finite at step {at + 1}"):
+        run(fresh(InfGradAt, at=at), cfg, steps=60)
 
 
 def test_delta_that_would_create_nan_is_refused():

@@ -277,6 +277,14 @@ class HybridPredictiveTraining(Callback):
             raise NumericalError(
                 f"non-finite gradients at step {trainer.global_step} (on_nonfinite='raise'). Check the inputs and "
                 "the learning rate, or set on_nonfinite='skip' to skip such steps.", RecoveryAction.ABORT)
+        if not all(bool(torch.isfinite(p).all()) for p in self._params):
+            # Skipping cannot help: an earlier update already made the weights non-finite. The gradient norm is
+            # measured every trajectory.stride steps, so Inf gradients under a finite loss can pass in between.
+            raise NumericalError(
+                f"the weights are non-finite at step {trainer.global_step}: an earlier step's gradients were "
+                "non-finite under a finite loss, on a step whose gradient norm was not checked (every "
+                f"trajectory.stride = {self.config.trajectory.stride} steps). Lower the learning rate, enable "
+                "gradient clipping, or set trajectory.stride: 1 to check every step.", RecoveryAction.ABORT)
         for p in self._params:
             p.grad = None  # the optimizer skips parameters without gradients: no NaN reaches weights or state
         self._open["skipped"] = True

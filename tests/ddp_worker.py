@@ -144,6 +144,7 @@ class Events(L.Callback):
             "buffers": getattr(pl_module, "seen_buffers", {}),
             "steps": dict(self.cb.report.steps),
             "counters": dict(self.cb.engine.counters),
+            "curve": list(self.cb.report.curve),
             "phases": self.rows,
             "nan_step": getattr(self.nan, "step", None),
             "global_step": trainer.global_step,
@@ -169,6 +170,8 @@ def main():
     p.add_argument("--debt-on-rank1", type=float, default=0.0,
                    help="never confident, quick to fall asleep, an overhead budget of 1 (nothing is ever owed), "
                         "and rank 1 alone starts owing this many seconds of observation: the ranks' clocks disagree")
+    p.add_argument("--late-reads", type=int, default=0,
+                   help="monitor only, read late as on a GPU (forced on these CPUs), this many steps at a time")
     args = p.parse_args()
     # a native abort in a worker then prints where it happened (the env var reaches spawned children)
     faulthandler.enable()
@@ -180,6 +183,11 @@ def main():
     if args.debt_on_rank1:
         config.predict_threshold, config.predictor, config.bandit.dormant_after = 0.999, "rssm", 10
         config.bandit.overhead_budget = 1.0
+    if args.late_reads:
+        config.predict_threshold, config.idle_read_every = 1.0, args.late_reads
+        import hybrid_lightning.lightning.callback as callback_module
+
+        callback_module._reads_late = lambda device: True
     cb = HybridPredictiveTraining(config, verbose=False)
     callbacks_extra = [DebtOnRank1(cb, args.debt_on_rank1)] if args.debt_on_rank1 else []
     nan = NanAtPhaseEnd(cb, args.nan_after) if args.nan_after >= 0 else None

@@ -84,6 +84,19 @@ def test_ranks_whose_clocks_disagree_wake_at_the_same_step(tmp_path):
     assert a["steps"]["PREDICT"] == 0
 
 
+def test_late_reads_under_ddp_take_every_decision_as_reading_at_once_and_a_nan_stops_both_ranks(tmp_path):
+    a, b = run_ddp(tmp_path / "late", "--late-reads", "8", "--steps", "60")
+    assert_ranks_identical(a, b)
+    now, _ = run_ddp(tmp_path / "now", "--late-reads", "1", "--steps", "60")
+    assert a["counters"] == now["counters"] and a["curve"] == now["curve"] and len(a["curve"]) == 60
+    # a NaN on rank 1 reaches both ranks through the all-reduced loss: both stop at the same read, no hang
+    out = tmp_path / "nan"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out), "--late-reads", "8", "--steps", "60",
+                           "--nan-real-at", "30"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("NumericalError: non-finite") == 2  # one per rank
+
+
 def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
     ckpts = tmp_path / "ckpts"
     a, b = run_ddp(tmp_path / "ref", "--ckpt-dir", str(ckpts))

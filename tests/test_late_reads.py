@@ -79,7 +79,9 @@ def test_reading_late_changes_no_decision_and_reads_k_steps_at_a_time(values, ev
     late: list = []
     with mock.patch.object(engine_mod, "_read", counting):
         deferred = _feed(later, values, as_tensors=True, late=late)
-        late += later.flush()[0]
+        tail, events = later.flush()
+        late += tail
+    assert all(str(e).startswith("step ") and ", read late: " in str(e) for e in events)
     assert _decisions(later) == _decisions(now)
     # every deferred value came back once, in order, with its step; one transfer per idle_read_every of them
     assert [s for s, _, _ in late] == [s for s in range(len(values)) if s >= len(values) - deferred]

@@ -428,7 +428,8 @@ class HybridEngine:
                 self._block_loss += loss
                 self._block_count += 1
             if div.error is not None:
-                self._events.append(div.error)
+                err = div.error  # reported with a later step: say which step it is about
+                self._events.append(type(err)(f"step {step}, read late: {err}", err.recovery))
                 self.counters["divergence_events"] += 1
             if div.alarm or div.action is RecoveryAction.REDUCE_HORIZON:
                 self._shrink_horizon(after=step)

@@ -206,6 +206,38 @@ def test_inf_gradients_on_an_unchecked_step_stop_the_run_at_the_next_skip_instea
         run(fresh(InfGradAt, at=at), cfg, steps=60)
 
 
+class StopInsidePredict(L.Callback):
+    """Stops training (as early stopping or a time limit would) after the second step of the first Predict
+    phase; remembers the weights when that phase started."""
+
+    def __init__(self, cb):
+        self.cb, self.start_weights, self.stopped_at = cb, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ps = self.cb.engine.phase_state
+        if self.stopped_at is None and ps.phase is Phase.PREDICT and ps.steps_in_phase == 2 < ps.horizon:
+            self.start_weights = self.cb.engine.trajectory._snapshot.clone()
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("harmful", [True, False])
+def test_training_that_stops_inside_a_predict_phase_judges_it_and_never_ends_on_unchecked_weights(harmful):
+    cfg = eager_config()
+    cfg.bandit.arms = [0, 6]  # phases of 6 steps: the stop lands inside one
+    cb = HybridPredictiveTraining(cfg.validate(), verbose=False,
+                                  dynamics_factory=(lambda n, k: Harmful(n, k)) if harmful else None)
+    stop = StopInsidePredict(cb)
+    model = fresh()
+    trainer([cb, stop], max_steps=150, strategy="hybrid").fit(model)
+    assert stop.stopped_at is not None and cb.engine.phase is not Phase.PREDICT
+    last = cb.results[-1]
+    assert last.steps == 2 and last.reason == "probe"  # judged on the last batch, as at a phase's end
+    if harmful:  # always wrong: rolled back to the weights the phase started from, bit for bit
+        assert not last.kept
+        assert torch.equal(cb.engine.trajectory._flatten(), stop.start_weights)
+
+
 def test_delta_that_would_create_nan_is_refused():
     tr, cb, log = run(fresh(), steps=80, factory=lambda n, k: Harmful(n, k, coeff=float("nan")))
     assert all_finite(tr.lightning_module, tr.optimizers[0])

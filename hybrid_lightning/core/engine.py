@@ -435,6 +435,16 @@ class HybridEngine:
                 self._shrink_horizon(after=step)
             self._late_read.append((step, loss, norm))
 
+    def end_of_training(self, probe: Probe | None) -> PhaseResult | None:
+        """Training stopped inside a Predict phase (early stopping, a time limit): judge the phase now, as at its
+        end, so the run does not end on predicted weights nobody checked. Without a probe, roll it back."""
+        if self.phase_state.phase is not Phase.PREDICT or self._phase_start is None:
+            return None
+        result = self._finish_phase(probe, forced_reason=None if probe is not None else "end_of_training")
+        self.phase_state = PhaseState(Phase.FULL)
+        self._plan = None
+        return result
+
     def flush(self) -> tuple[list[tuple[int, float | None, float | None]], list[HybridTrainingError]]:
         """At the end of training: read what waits. -> (step, loss, grad_norm) and events not reported yet."""
         self.read_late()

@@ -91,6 +91,7 @@ class HybridPredictiveTraining(Callback):
         self._params: list[torch.Tensor] = []
         self._restore_pb: Any = None
         self._state_key: str | None = None
+        self._last_probe: Callable[[], float] | None = None
 
     # ------------------------------------------------------------------ identity / persistence
     @property
@@ -309,6 +310,7 @@ class HybridPredictiveTraining(Callback):
         obs = StepObservation(loss=value, grad_norm=step["grad_norm"] if plan.measure_grad_norm else None,
                               skipped=step["skipped"])
         probe = partial(strategy.hybrid_probe, batch, batch_idx)  # type: ignore[attr-defined]
+        self._last_probe = probe  # to judge a Predict phase that training stops inside of
         t_observe = time.perf_counter()
         report = self.engine.observe(obs, probe=probe)
         if report.late_values:
@@ -428,6 +430,12 @@ class HybridPredictiveTraining(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is None:
             return
+        ended = self.engine.end_of_training(self._last_probe)
+        self._last_probe = None
+        if ended is not None:
+            self.results.append(ended)
+            log.info("hybrid: training stopped inside a Predict phase; the phase was judged now and %s",
+                     "kept" if ended.kept else "rolled back")
         late, events = self.engine.flush()
         for err in events:
             log.warning("hybrid: %s: %s (recovery: %s)", type(err).__name__, err, err.recovery.value)
@@ -455,6 +463,7 @@ class HybridPredictiveTraining(Callback):
             strategy.hybrid_plan = None
             strategy.hybrid_apply = None
         self._open = None
+        self._last_probe = None
 
     def _finalize(self) -> None:
         e = self.engine

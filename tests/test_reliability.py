@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import threading
 
@@ -233,6 +234,7 @@ def test_training_that_stops_inside_a_predict_phase_judges_it_and_never_ends_on_
     assert stop.stopped_at is not None and cb.engine.phase is not Phase.PREDICT
     last = cb.results[-1]
     assert last.steps == 2 and last.reason == "probe"  # judged on the last batch, as at a phase's end
+    assert cb.report.predict_phases == len(cb.results) and math.isfinite(cb.report.mean_value)
     if harmful:  # always wrong: rolled back to the weights the phase started from, bit for bit
         assert not last.kept
         assert torch.equal(cb.engine.trajectory._flatten(), stop.start_weights)

@@ -344,7 +344,8 @@ class HybridEngine:
             div = self._observe_late(obs)
         else:
             self.read_late()  # what was observed before this step first, in order
-            obs = StepObservation(_host(obs.loss), _host(obs.grad_norm), obs.skipped)
+            if _unread(obs):  # a caller's tensors on a step that needs its values now
+                obs = StepObservation(_host(obs.loss), _host(obs.grad_norm), obs.skipped)
             if plan.phase is Phase.PREDICT:
                 div = self._observe_predicted(plan, obs)
             else:

@@ -434,6 +434,8 @@ class HybridPredictiveTraining(Callback):
         self._last_probe = None
         if ended is not None:
             self.results.append(ended)
+            self._metrics.update(StepReport(ended.start_step + ended.steps, Phase.PREDICT, Phase.FULL,
+                                            phase_result=ended))
             log.info("hybrid: training stopped inside a Predict phase; the phase was judged now and %s",
                      "kept" if ended.kept else "rolled back")
         late, events = self.engine.flush()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining, NumericalError
@@ -213,3 +214,21 @@ def test_checkpoint_identity_ignores_defaults_and_settings_that_change_no_decisi
     assert _identity(cfg) == {"warmup_steps": 11, "bandit": {"dormant_after": 50}}
     keys = {HybridPredictiveTraining(c).state_key for c in (HybridConfig(), HybridConfig(idle_read_every=4), cfg)}
     assert len(keys) == 2
+
+
+def test_a_lightning_checkpoint_with_values_still_waiting_resumes_to_the_uninterrupted_run(tmp_path):
+    cfg = HybridConfig(warmup_steps=10, predict_threshold=1.0, idle_read_every=8).validate()
+    ck = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    cb = HybridPredictiveTraining(cfg, verbose=False)
+    with mock.patch("hybrid_lightning.lightning.callback._reads_late", lambda device: True):
+        trainer([cb, ck], max_steps=60, strategy="hybrid", enable_checkpointing=True).fit(fresh(StepData))
+        saved = torch.load(tmp_path / "step=23.ckpt", weights_only=True)["callbacks"]
+        (state,) = [v for k, v in saved.items() if k.startswith("HybridPredictiveTraining")]
+        assert len(state["engine"]["late"]) == 5  # steps 18..22 wait to be read (after the read of 10..17)
+        torch.manual_seed(123)  # other weights: everything must come from the checkpoint
+        resumed = HybridPredictiveTraining(cfg, verbose=False)
+        trainer([resumed], max_steps=60, strategy="hybrid").fit(StepData(), ckpt_path=str(tmp_path / "step=23.ckpt"))
+    assert _decisions(resumed.engine) == _decisions(cb.engine)
+    assert resumed.engine.counters == cb.engine.counters
+    # the resumed report has the steps from the checkpoint on, the waiting ones included
+    assert [s for s, _, _ in resumed.report.curve] == list(range(18, 60))

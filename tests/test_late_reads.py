@@ -141,15 +141,16 @@ def test_a_dormant_engine_reads_late_and_wakes_observes_and_restarts_exactly_as_
 
 
 # ---------------------------------------------------------------- with a Trainer (CPU, late reads forced)
-def _fit(model, cfg, late, steps=60):
+def _fit(model, cfg, late, steps=60, **kw):
     cb = HybridPredictiveTraining(cfg, verbose=False)
-    tr = trainer([cb], max_steps=steps, strategy="hybrid")
+    tr = trainer([cb], max_steps=steps, strategy="hybrid", **kw)
     with mock.patch("hybrid_lightning.lightning.callback._reads_late", lambda device: late):
         tr.fit(model)
     return tr, cb
 
 
-def test_the_callback_passes_unread_losses_and_the_run_and_its_report_are_unchanged():
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_callback_passes_unread_losses_and_the_run_and_its_report_are_unchanged(accumulate):
     cfg = HybridConfig(warmup_steps=10, predict_threshold=1.0, idle_read_every=8).validate()
     observed = []
     real_observe = HybridEngine.observe
@@ -159,8 +160,8 @@ def test_the_callback_passes_unread_losses_and_the_run_and_its_report_are_unchan
         return real_observe(self, obs, probe)
 
     with mock.patch.object(HybridEngine, "observe", spy):
-        _, late = _fit(fresh(StepData), cfg, late=True)
-    _, now = _fit(fresh(StepData), cfg, late=False)
+        _, late = _fit(fresh(StepData), cfg, late=True, accumulate_grad_batches=accumulate)
+    _, now = _fit(fresh(StepData), cfg, late=False, accumulate_grad_batches=accumulate)
     assert sum(observed) == 50 and not any(observed[:10])  # every Full step after the warmup went unread
     assert late.report.curve == now.report.curve and len(late.report.curve) == 60
     assert late.engine.counters == now.engine.counters

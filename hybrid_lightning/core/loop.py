@@ -30,7 +30,8 @@ def train_steps(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimi
     are non-finite). Predicted steps: optional no-grad forward, then the engine's delta. The probe
     re-evaluates the step's batch without gradients, as the engine's phase check requires. Each step's
     time by ``clock`` feeds ``bandit.overhead_budget``; ``clock=None`` makes dormancy count steps alone
-    (reproducible to the step, whatever the machine's speed)."""
+    (reproducible to the step, whatever the machine's speed). Calls may follow one another on the same
+    engine; after the last, ``engine.end_of_training(probe)`` judges a Predict phase the run stopped inside."""
     out = LoopResult()
     for batch in batches:
         t0 = clock() if clock is not None else 0.0

@@ -10,7 +10,16 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import dynamics_quality, hook_profile, overhead, predictor_value, regimes, step_cost, time_to_loss
+from benchmarks import (
+    dynamics_quality,
+    hook_profile,
+    overhead,
+    predictor_value,
+    regimes,
+    step_attribution,
+    step_cost,
+    time_to_loss,
+)
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -125,6 +134,19 @@ def test_overhead_modes_run_the_configs_they_name():
         seconds, report = overhead.per_step(_quick_mlp(), 60, overhead.MODES[mode], "cpu")
         assert math.isfinite(seconds) and seconds > 0
         assert report["observe_share"] == 0.0 and report["dormant_steps"] == 0  # prediction off: never asleep
+
+
+def test_step_attribution_splits_the_extra_time_by_the_engines_labels():
+    plain = [1.0] * 10
+    times = [1.1] * 8 + [2.0, 2.0]
+    kinds = ["plain"] * 8 + ["observe"] * 2
+    out = step_attribution.split(plain, times, kinds)
+    total = sum(times)
+    assert out["monitoring"] == pytest.approx(8 * 0.1 / total) and out["observation"] == pytest.approx(2 * 0.9 / total)
+    assert out["extra"] == pytest.approx((total - 10) / total)
+    assert out["steps"] == {"plain": 8, "observe": 2, "other": 0}
+    times, kinds, share = step_attribution.timed_run(_quick_mlp(), 80, {"predict_threshold": 0.999}, "cpu")
+    assert len(times) == len(kinds) == 30 and set(kinds) <= {"plain", "observe", "other"} and 0.0 <= share < 1.0
 
 
 def test_predictor_value_runs_anchor_the_lasting_value(capsys):

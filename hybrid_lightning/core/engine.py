@@ -421,8 +421,7 @@ class HybridEngine:
         late, self._late = self._late, []
         if not late:
             return
-        values = _read([v for _, loss, norm, _ in late for v in (loss, norm)])
-        for (step, _, _, stride_done), loss, norm in zip(late, values[0::2], values[1::2], strict=True):
+        for (step, _, _, stride_done), (loss, norm) in zip(late, _read_waiting(late), strict=True):
             div = self.monitor.check_real(loss, norm)
             self.state.record_real(loss if loss is not None else float("nan"), norm)
             if not stride_done and loss is not None and math.isfinite(loss):  # as _observe_real does
@@ -750,9 +749,8 @@ class HybridEngine:
 
     def _late_as_floats(self) -> list[list[Any]]:
         """The values waiting to be read, read now but left waiting: saving a state changes no decision."""
-        values = _read([v for _, loss, norm, _ in self._late for v in (loss, norm)])
-        self._late = [(st, loss, norm, done) for (st, _, _, done), loss, norm
-                      in zip(self._late, values[0::2], values[1::2], strict=True)]
+        self._late = [(st, loss, norm, done) for (st, _, _, done), (loss, norm)
+                      in zip(self._late, _read_waiting(self._late), strict=True)]
         return [list(x) for x in self._late]
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -809,6 +807,12 @@ def _unread(obs: StepObservation) -> bool:
 
 def _host(value: float | Tensor | None) -> float | None:
     return float(value) if isinstance(value, Tensor) else value
+
+
+def _read_waiting(late: Sequence[tuple[int, Any, Any, bool]]) -> list[tuple[float | None, float | None]]:
+    """(loss, grad_norm) of each waiting step, all read in one transfer."""
+    values = _read([v for _, loss, norm, _ in late for v in (loss, norm)])
+    return list(zip(values[0::2], values[1::2], strict=True))
 
 
 def _read(values: Sequence[float | Tensor | None]) -> list[float | None]:

@@ -278,7 +278,7 @@ class HybridPredictiveTraining(Callback):
             raise NumericalError(
                 f"non-finite gradients at step {trainer.global_step} (on_nonfinite='raise'). Check the inputs and "
                 "the learning rate, or set on_nonfinite='skip' to skip such steps.", RecoveryAction.ABORT)
-        if not all(bool(torch.isfinite(p).all()) for p in self._params):
+        if not self._weights_finite():
             # Skipping cannot help: an earlier update already made the weights non-finite. The gradient norm is
             # measured every trajectory.stride steps, so Inf gradients under a finite loss can pass in between.
             raise NumericalError(
@@ -339,6 +339,10 @@ class HybridPredictiveTraining(Callback):
         self.report.seconds["PREDICT"] += predict_seconds
         self._log(trainer, pl_module, report, value)
 
+    def _weights_finite(self) -> bool:
+        """Read on the rare non-finite step only: whether skipping or continuing can still help."""
+        return all(bool(torch.isfinite(p).all()) for p in self._params)
+
     def _check_late(self, trainer: pl.Trainer, late: list[tuple[int, float | None, float | None]]) -> None:
         """Values of monitored steps, read late: losses into the curve; a non-finite value was not skipped."""
         for step, loss, _ in late:
@@ -354,7 +358,7 @@ class HybridPredictiveTraining(Callback):
         if self.config.on_nonfinite == "raise":
             raise NumericalError(f"non-finite loss or gradient norm at step {bad[0]} (on_nonfinite='raise'). {how}",
                                  RecoveryAction.ABORT)
-        if all(bool(torch.isfinite(p).all()) for p in self._params):
+        if self._weights_finite():
             return
         raise NumericalError(
             f"non-finite loss or gradient norm at step {bad[0]}, and the weights are now NaN/Inf. {how} Lower the "
@@ -367,10 +371,7 @@ class HybridPredictiveTraining(Callback):
         self._metrics.update(report)
         if loss is not None and math.isfinite(loss):
             self._curve.add(report.step, loss, report.phase)
-        for err in report.events:
-            level = logging.INFO if isinstance(err, PredictionDivergence) else logging.WARNING
-            log.log(level, "hybrid step %d: %s: %s (recovery: %s)", report.step, type(err).__name__, err,
-                    err.recovery.value)
+        _log_events(report.events, report.step)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: StepReport,
              loss: float | None) -> None:
@@ -439,8 +440,7 @@ class HybridPredictiveTraining(Callback):
             log.info("hybrid: training stopped inside a Predict phase; the phase was judged now and %s",
                      "kept" if ended.kept else "rolled back")
         late, events = self.engine.flush()
-        for err in events:
-            log.warning("hybrid: %s: %s (recovery: %s)", type(err).__name__, err, err.recovery.value)
+        _log_events(events, self.engine.step)
         if late:
             self._check_late(trainer, late)
 
@@ -487,6 +487,12 @@ class HybridPredictiveTraining(Callback):
         r.bandit_mean_reward = {str(k): v for k, v in e.bandit.mean_rewards().items() if k}
         r.final_horizon_cap = e.horizon_cap
         r.curve = list(self._curve.points)
+
+
+def _log_events(events: list[Any], step: int) -> None:
+    for err in events:
+        level = logging.INFO if isinstance(err, PredictionDivergence) else logging.WARNING
+        log.log(level, "hybrid step %d: %s: %s (recovery: %s)", step, type(err).__name__, err, err.recovery.value)
 
 
 # Settings that change no decision: a checkpoint's plugin state stays findable when they change.

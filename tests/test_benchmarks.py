@@ -9,11 +9,13 @@ import types
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from benchmarks import (
     dynamics_quality,
     hook_profile,
     overhead,
+    partial_predict,
     predictor_value,
     regimes,
     step_attribution,
@@ -189,3 +191,54 @@ def test_lasting_q_scales_the_null_runs_loss_to_the_runs_share_of_predicted_step
            run("worse", 40, 2.5)]
     predictor_value.lasting_q(out)
     assert [r["lasting_q"] for r in out] == [None, 0.0, 0.5, None, -0.5]
+
+
+class _PrefixRecorder(Callback):
+    """After PartialPredict's own hook: the prefix's and the rest's parameters and the LR, per step."""
+
+    def __init__(self, cb: partial_predict.PartialPredict) -> None:
+        self.cb, self.steps = cb, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        prefix = torch.cat([p.detach().flatten() for p in self.cb._params(pl_module)])
+        rest = torch.cat([p.detach().flatten() for n, p in pl_module.named_parameters()
+                          if not n.startswith(self.cb.prefix)])
+        self.steps.append((self.cb._frozen, prefix.clone(), rest.clone(), trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize("mean_velocity", [False, True])
+def test_partial_steps_train_the_rest_and_move_the_prefix_only_by_its_prediction(mean_velocity):
+    spec = _quick_mlp()
+    spec["_out"], spec["_regime"] = "", "adamw_cosine"
+    cb = partial_predict.PartialPredict(("net.0.",), "windows", mean_velocity, full=8, partial=4)
+    rec = _PrefixRecorder(cb)
+    time_to_loss.train(spec, "partial", 60, 3e-3, 0, None, "cpu", extra_callbacks=lambda _: [cb, rec])
+    assert cb.partial_steps == sum(frozen for frozen, *_ in rec.steps) == 16  # 54 steps after warmup: 4 windows of 4
+    moves = []
+    for (_, p0, r0, _), (frozen, p1, r1, lr) in zip(rec.steps, rec.steps[1:]):
+        assert not torch.equal(r0, r1)  # the rest always takes a real step
+        if frozen:
+            moves.append((p1 - p0, lr))
+        else:
+            assert not torch.equal(p0, p1)
+    if not mean_velocity:
+        assert all(not d.any() for d, _ in moves)
+        return
+    # within a window every partial step moves along the window's mean velocity, scaled by the LR
+    windows = [moves[i:i + 4] for i in range(0, len(moves), 4)]
+    for window in windows:
+        (d0, lr0), *rest = window
+        assert d0.abs().sum() > 0
+        for d, lr in rest:
+            torch.testing.assert_close(d, d0 * (lr / lr0), rtol=1e-3, atol=1e-7)  # atol: float32 rounding of p
+    assert not torch.allclose(windows[0][0][0], windows[1][0][0])  # a new window, a new velocity
+
+
+def test_partial_predict_quick_writes_json_and_table(tmp_path, capsys):
+    rows = partial_predict.main(["--quick", "--workloads", "mlp", "--seeds", "0", "--variants", "baseline",
+                                 "control_0.8", "windows_mean_velocity", "--full", "8", "--partial", "4",
+                                 "--prefix", "net.0.", "--out", str(tmp_path)])
+    assert [r["steps"] for r in rows] == [60, 48, 60] and [r["partial"] for r in rows] == [0, 0, 16]
+    assert json.loads((tmp_path / "partial_predict.json").read_text())[2]["variant"] == "windows_mean_velocity"
+    table = (tmp_path / "partial_predict.md").read_text()
+    assert "| mlp | windows_mean_velocity | 16 |" in table and table in capsys.readouterr().out

@@ -1,0 +1,191 @@
+"""Partial prediction (issue 7): predict only the first layers, train the rest for real.
+
+    python -m benchmarks.partial_predict [--workloads mlp cnn char_gpt] [--seeds 0 1] [--variants ...]
+        [--prefix NAME ...] [--full 24] [--partial 16] [--steps-factor 1.0] [--out DIR]
+
+Backward stops at the first parameter that needs a gradient, so a step whose first layers get a
+predicted delta instead of a gradient costs less than a full step (the table's ``c``: the run's extra
+wall-clock over its full steps at the baseline's price, per partial step, relative to a baseline step).
+If the first layers' motion were predictable, such a step would be worth nearly a real one for less.
+
+Variants, all in the same Lightning harness as ``time_to_loss`` (same seeds, data order, evaluations):
+
+- ``baseline``: plain training at the tuned LR; ``control_0.8`` / ``control_0.7``: plain training for
+  80% / 70% of the steps with the schedule compressed (the equal-compute control);
+- ``windows_null``: after 10% warmup, 24 full steps then 16 partial steps, repeated; the prefix stands
+  still during partial steps (predicted delta 0, Adam state untouched);
+- ``windows_mean_velocity``: the same, the prefix moves each partial step by its mean displacement per
+  step over the last full window (snapshots every 4 steps), scaled by the LR ratio;
+- ``late_null``: the prefix stands still for the second half of training (progressive freezing, as in
+  FreezeOut).
+
+Prints one line per run, then writes every run to ``DIR/partial_predict.json`` and a table (per seed, with
+medians of ``c`` and of the wall-clock ratio) to ``DIR/partial_predict.md``. No guard: a partial step is never
+judged or rolled back (see the 48-step result in ``docs/predictors.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks.time_to_loss import HERE, Point, Run, load_spec, machine, time_to, train
+
+PREFIX = {  # the first layers of each workload's model, by parameter-name prefix
+    "mlp": ("net.0.", "net.2."),
+    "cnn": ("features.",),
+    "char_gpt": ("wte.", "wpe.", "blocks.0."),
+}
+VARIANTS = ("baseline", "control_0.8", "control_0.7", "windows_null", "windows_mean_velocity", "late_null")
+FULL, PARTIAL, WARMUP, SNAP_EVERY, SNAPS = 24, 16, 0.1, 4, 7
+
+
+class PartialPredict(Callback):
+    """Freezes the prefix's parameters on partial steps and, with ``mean_velocity``, moves them."""
+
+    def __init__(self, prefix: tuple[str, ...], schedule: str, mean_velocity: bool, full: int = FULL,
+                 partial: int = PARTIAL) -> None:
+        self.prefix, self.schedule, self.mean_velocity = prefix, schedule, mean_velocity
+        self.full, self.partial = full, partial
+        self.partial_steps = 0
+        self._frozen = False
+        self._step = 0
+        self._snaps: list[tuple[float, list[torch.Tensor]]] = []  # (lr, prefix copies)
+
+    def _params(self, module) -> list[torch.nn.Parameter]:
+        return [p for n, p in module.named_parameters() if n.startswith(self.prefix)]
+
+    def _partial(self, t: int, total: int) -> bool:
+        if self.schedule == "late":
+            return t >= total // 2
+        start = int(WARMUP * total)
+        return t >= start and (t - start) % (self.full + self.partial) >= self.full
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+        frozen = self._partial(self._step, trainer.max_steps)
+        if frozen != self._frozen:
+            for p in self._params(pl_module):
+                p.requires_grad_(not frozen)  # grad stays None, so AdamW skips them and keeps their state
+            self._frozen = frozen
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if self._frozen:
+            self.partial_steps += 1
+            if self.mean_velocity and len(self._snaps) >= 2:
+                (_, first), (last_lr, last) = self._snaps[0], self._snaps[-1]
+                span = SNAP_EVERY * (len(self._snaps) - 1)
+                for p, a, b in zip(self._params(pl_module), first, last):
+                    p.add_(b - a, alpha=lr / last_lr / span)
+        elif self._step % SNAP_EVERY == 0:
+            self._snaps.append((lr, [p.detach().clone() for p in self._params(pl_module)]))
+            del self._snaps[:-SNAPS]
+
+
+def run_variant(spec: dict, name: str, variant: str, seed: int, args: argparse.Namespace) -> tuple[Run, int]:
+    steps, lr = spec["steps"], spec["lr"]
+    if variant.startswith("control_"):
+        steps = round(steps * float(variant.split("_")[1]))
+    cb = None
+    if variant.startswith(("windows", "late")):
+        steps = round(steps * args.steps_factor)  # the schedule stretches with the run
+        prefix = tuple(args.prefix) if args.prefix else PREFIX[name]
+        cb = PartialPredict(prefix, variant.split("_")[0], variant.endswith("mean_velocity"), args.full, args.partial)
+    run = train(spec, variant, steps, lr, 0, None, "cpu", seed=seed, extra_callbacks=lambda _: [cb] if cb else [])
+    return run, cb.partial_steps if cb else 0
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", default=list(PREFIX))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--prefix", nargs="+", help="parameter-name prefixes to predict (default: per workload)")
+    ap.add_argument("--full", type=int, default=FULL, help="full steps per window")
+    ap.add_argument("--partial", type=int, default=PARTIAL, help="partial steps per window")
+    ap.add_argument("--steps-factor", type=float, default=1.0,
+                    help="run the partial variants for this many times the baseline's steps")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny models and runs (smoke test)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "partial_predict")
+    args = ap.parse_args(argv)
+    args.regime, args.accelerator = "adamw_cosine", "cpu"
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.workloads:
+        spec = load_spec(name, args)
+        for seed in args.seeds:  # variants interleaved within a seed, so drift on the host hits all alike
+            for v in args.variants:
+                run, partial = run_variant(spec, name, v, seed, args)
+                secs = run.curve[-1].seconds
+                print(f"{name} seed {seed} {v:22s} steps {run.steps:5d} partial {partial:4d} "
+                      f"seconds {secs:6.1f} final val {run.final_val:.4f}", flush=True)
+                rows.append({"workload": name, "seed": seed, "variant": v, "steps": run.steps, "partial": partial,
+                             "seconds": secs, "final_val": run.final_val,
+                             "curve": [(p.step, p.seconds, p.val) for p in run.curve]})
+    (args.out / "partial_predict.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "partial_predict.md").write_text(table(rows, args) + "\n")
+    print(table(rows, args))
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    def med(xs: list) -> str:
+        xs = [x for x in xs if x is not None]
+        return f"{statistics.median(xs):.2f}" if xs else "n/a"
+
+    prefix = " ".join(args.prefix) if args.prefix else "per workload"
+    def baseline(r: dict) -> dict | None:
+        return next((b for b in rows if b["workload"] == r["workload"] and b["seed"] == r["seed"]
+                     and b["variant"] == "baseline"), None)
+
+    def cost(r: dict) -> float | None:
+        base = baseline(r)
+        if base is None or not r["partial"]:
+            return None
+        per_step = base["seconds"] / base["steps"]
+        return (r["seconds"] / per_step - (r["steps"] - r["partial"])) / r["partial"]
+
+    def time_ratio(r: dict) -> float | None:
+        base = baseline(r)
+        return None if base is None else r["seconds"] / base["seconds"]
+
+    def speedup(r: dict) -> float | None:
+        """As in time_to_loss: the baseline's time to its own final val over this run's."""
+        base = baseline(r)
+        if base is None:
+            return None
+        def points(x: dict) -> list[Point]:
+            return [Point(step, secs, 0, val) for step, secs, val in x["curve"]]
+        t, t_base = time_to(points(r), base["final_val"]), time_to(points(base), base["final_val"])
+        return None if t is None or t_base is None else t_base / t
+
+    lines = [f"Machine: {machine(args)}. Prefix: {prefix}; windows {args.full} full + {args.partial} partial; "
+             f"partial variants run {args.steps_factor:g}x the baseline's steps. "
+             f"Seeds {args.seeds}; per seed, final val / wall-clock relative to the "
+             "baseline / speedup to the baseline's final val (not reached: -).", "",
+             "| workload | variant | partial steps | c (median) | final val per seed | wall-clock (median) "
+             "| to target per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for name in args.workloads:
+        for v in args.variants:
+            rs = [r for r in rows if r["workload"] == name and r["variant"] == v]
+            if not rs:
+                continue
+            vals = " / ".join(f"{r['final_val']:.4f}" for r in rs)
+            tgt = " / ".join("-" if speedup(r) is None else f"{speedup(r):.2f}x" for r in rs)
+            lines.append(f"| {name} | {v} | {rs[0]['partial']} | {med([cost(r) for r in rs])} | {vals} | "
+                         f"{med([time_ratio(r) for r in rs])}x | {tgt} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

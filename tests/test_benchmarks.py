@@ -236,9 +236,31 @@ def test_partial_steps_train_the_rest_and_move_the_prefix_only_by_its_prediction
 
 def test_partial_predict_quick_writes_json_and_table(tmp_path, capsys):
     rows = partial_predict.main(["--quick", "--workloads", "mlp", "--seeds", "0", "--variants", "baseline",
-                                 "control_0.8", "windows_mean_velocity", "--full", "8", "--partial", "4",
-                                 "--prefix", "net.0.", "--out", str(tmp_path)])
-    assert [r["steps"] for r in rows] == [60, 48, 60] and [r["partial"] for r in rows] == [0, 0, 16]
+                                 "control_0.8", "windows_mean_velocity", "windows_mean_velocity_guarded",
+                                 "--full", "8", "--partial", "4", "--prefix", "net.0.", "--out", str(tmp_path)])
+    assert [r["steps"] for r in rows] == [60, 48, 60, 60] and [r["partial"] for r in rows] == [0, 0, 16, 16]
+    assert rows[2]["windows"] == rows[3]["windows"] == 4 and rows[2]["rolled_back"] == 0 <= rows[3]["rolled_back"]
     assert json.loads((tmp_path / "partial_predict.json").read_text())[2]["variant"] == "windows_mean_velocity"
     table = (tmp_path / "partial_predict.md").read_text()
     assert "| mlp | windows_mean_velocity | 16 |" in table and table in capsys.readouterr().out
+    assert f"| mlp | windows_mean_velocity_guarded | 16 (windows rolled back: {rows[3]['rolled_back']} of 4) |" in table
+
+
+def test_the_guard_keeps_the_prefix_where_the_probe_loss_is_lower():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(32, 4)
+    batch = (x, model(x).detach())  # the current weights fit these targets exactly
+    cb = partial_predict.PartialPredict(("0.",), "windows", True, guarded=True)
+    good = [p.detach().clone() for p in cb._params(model)]
+    with torch.no_grad():  # a wild prediction: the window started at the good weights
+        cb._start = [g.clone() for g in good]
+        for p in cb._params(model):
+            p.add_(torch.randn_like(p))
+    cb._judge(model, batch)
+    assert cb.rolled_back == 1 and all(torch.equal(p, g) for p, g in zip(cb._params(model), good))
+    with torch.no_grad():  # now the window started from worse weights: the prediction stays
+        cb._start = [g + torch.randn_like(g) for g in good]
+    cb._judge(model, batch)
+    assert cb.rolled_back == 1 and all(torch.equal(p, g) for p, g in zip(cb._params(model), good))
+    assert model.training  # the probes ran in eval mode and the mode is restored

@@ -1,7 +1,7 @@
 """Partial prediction (issue 7): predict only the first layers, train the rest for real.
 
     python -m benchmarks.partial_predict [--workloads mlp cnn char_gpt] [--seeds 0 1] [--variants ...]
-        [--prefix NAME ...] [--full 24] [--partial 16] [--steps-factor 1.0] [--out DIR]
+        [--prefix NAME ...] [--full 24] [--partial 16] [--steps-factor 1.0] [--lr LR] [--out DIR]
 
 Backward stops at the first parameter that needs a gradient, so a step whose first layers get a
 predicted delta instead of a gradient costs less than a full step (the table's ``c``: the run's extra
@@ -128,7 +128,7 @@ def probe_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 
 
 def run_variant(spec: dict, name: str, variant: str, seed: int, args: argparse.Namespace) -> tuple[Run, int]:
-    steps, lr = spec["steps"], spec["lr"]
+    steps, lr = spec["steps"], args.lr or spec["lr"]
     if variant.startswith("control_"):
         steps = round(steps * float(variant.split("_")[1]))
     cb = None
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--partial", type=int, default=PARTIAL, help="partial steps per window")
     ap.add_argument("--steps-factor", type=float, default=1.0,
                     help="run the partial variants for this many times the baseline's steps")
+    ap.add_argument("--lr", type=float, help="peak LR for every variant (default: the workload's tuned one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny models and runs (smoke test)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "partial_predict")
@@ -210,7 +211,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
     lines = [f"Machine: {machine(args)}. Prefix: {prefix}; windows {args.full} full + {args.partial} partial; "
              f"partial variants run {args.steps_factor:g}x the baseline's steps. "
-             f"Seeds {args.seeds}; per seed, final val / wall-clock relative to the "
+             + (f"Peak LR {args.lr:g} for every run. " if getattr(args, "lr", None) else "")
+             + f"Seeds {args.seeds}; per seed, final val / wall-clock relative to the "
              "baseline / speedup to the baseline's final val (not reached: -).", "",
              "| workload | variant | partial steps | c (median) | final val per seed | wall-clock (median) "
              "| to target per seed |",

@@ -19,6 +19,11 @@ Variants, all in the same Lightning harness as ``time_to_loss`` (same seeds, dat
 - ``windows_mean_velocity_guarded``: the same, judged at each window's end by a paired probe: the loss of
   the window's last batch (no grad, eval mode) with the prefix where the prediction took it and where the
   window started, the rest as trained; the lower one stays (a prefix-only rollback, 2 forwards per window);
+- ``windows_mean_velocity_adaptive``: the same, but each window slot runs partial or full steps as chosen by
+  what lasts: the progress of a cycle (window slot + the next full stretch) is the drop in mean training
+  loss from the full stretch before the slot to the one after, per second. Slots are measured in ABBA blocks
+  (partial, full, full, partial: a linear trend cancels), then the block's winner runs the next 4 slots;
+  the sum of the blocks' differences so far picks the winner;
 - ``late_null``: the prefix stands still for the second half of training (progressive freezing, as in
   FreezeOut).
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -54,11 +60,17 @@ class PartialPredict(Callback):
     """Freezes the prefix's parameters on partial steps and, with ``mean_velocity``, moves them."""
 
     def __init__(self, prefix: tuple[str, ...], schedule: str, mean_velocity: bool, full: int = FULL,
-                 partial: int = PARTIAL, guarded: bool = False) -> None:
+                 partial: int = PARTIAL, guarded: bool = False, adaptive: bool = False) -> None:
         self.prefix, self.schedule, self.mean_velocity = prefix, schedule, mean_velocity
         self.full, self.partial, self.guarded = full, partial, guarded
         self.partial_steps = self.windows = self.rolled_back = 0
         self._start: list[torch.Tensor] = []  # the prefix where the window started (guarded only)
+        self.adaptive, self.slots, self.partial_slots = adaptive, 0, 0
+        self._arm = True  # the next slot runs partial steps
+        self._losses: list[float] = []  # training losses of the current full stretch
+        self._before: tuple[bool, float, float] | None = None  # (arm, mean loss before the slot, its start time)
+        self._rates: list[tuple[bool, float]] = []  # (arm, progress per second) of the current ABBA block
+        self._edge = 0.0  # sum over measured blocks of (partial - full) progress per second
         self._frozen = False
         self._step = 0
         self._snaps: list[tuple[float, list[torch.Tensor]]] = []  # (lr, prefix copies)
@@ -74,7 +86,7 @@ class PartialPredict(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step = trainer.global_step
-        frozen = self._partial(self._step, trainer.max_steps)
+        frozen = self._partial(self._step, trainer.max_steps) and (self._arm or not self.adaptive)
         if frozen != self._frozen:
             for p in self._params(pl_module):
                 p.requires_grad_(not frozen)  # grad stays None, so AdamW skips them and keeps their state
@@ -85,6 +97,8 @@ class PartialPredict(Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if self.adaptive:
+            self._track(trainer, outputs)
         if self._frozen:
             self.partial_steps += 1
             if self.mean_velocity and len(self._snaps) >= 2:
@@ -99,6 +113,34 @@ class PartialPredict(Callback):
         elif self._step % SNAP_EVERY == 0:
             self._snaps.append((lr, [p.detach().clone() for p in self._params(pl_module)]))
             del self._snaps[:-SNAPS]
+
+    def _track(self, trainer, outputs) -> None:
+        """Adaptive: measures each slot's lasting progress per second and picks the next slot's arm."""
+        total = trainer.max_steps
+        if self._partial(self._step, total) or self._step < int(WARMUP * total):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._losses.append(float(loss))
+        if not self._partial(self._step + 1, total) or self._step + 1 == total:
+            return
+        # a full stretch ends and a slot begins
+        now, mean = time.perf_counter(), statistics.fmean(self._losses)
+        self._losses = []
+        if self._before is not None:
+            arm, before, t0 = self._before
+            self._rates.append((arm, (before - mean) / (now - t0)))
+        if len(self._rates) == 4:  # an ABBA block is complete
+            r = [rate for _, rate in self._rates]
+            self._edge += (r[0] + r[3] - r[1] - r[2]) / 2
+            self._rates = []
+        # slots 0-3 of every 8 measure (partial, full, full, partial); slots 4-7 run the winner so far
+        k = self.slots % 8
+        self._arm = (k in (0, 3)) if k < 4 else self._edge > 0
+        if k >= 4:
+            self._rates = []  # exploitation slots are not part of a block
+        self._before = (self._arm, mean, now) if k < 4 else None
+        self.slots += 1
+        self.partial_slots += self._arm
 
     @torch.no_grad()
     def _judge(self, module, batch) -> None:
@@ -136,7 +178,7 @@ def run_variant(spec: dict, name: str, variant: str, seed: int, args: argparse.N
         steps = round(steps * args.steps_factor)  # the schedule stretches with the run
         prefix = tuple(args.prefix) if args.prefix else PREFIX[name]
         cb = PartialPredict(prefix, variant.split("_")[0], "mean_velocity" in variant, args.full, args.partial,
-                            guarded=variant.endswith("_guarded"))
+                            guarded=variant.endswith("_guarded"), adaptive=variant.endswith("_adaptive"))
     run = train(spec, variant, steps, lr, 0, None, "cpu", seed=seed, extra_callbacks=lambda _: [cb] if cb else [])
     return run, cb
 
@@ -170,6 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"seconds {secs:6.1f} final val {run.final_val:.4f}", flush=True)
                 rows.append({"workload": name, "seed": seed, "variant": v, "steps": run.steps, "partial": partial,
                              "windows": cb.windows if cb else 0, "rolled_back": cb.rolled_back if cb else 0,
+                             "slots": cb.slots if cb else 0, "partial_slots": cb.partial_slots if cb else 0,
                              "seconds": secs, "final_val": run.final_val,
                              "curve": [(p.step, p.seconds, p.val) for p in run.curve]})
     (args.out / "partial_predict.json").write_text(json.dumps(rows, indent=1))
@@ -228,6 +271,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             if v.endswith("_guarded"):
                 judged = " / ".join(f"{r['rolled_back']} of {r['windows']}" for r in rs)
                 partial += f" (windows rolled back: {judged})"
+            if v.endswith("_adaptive"):
+                chosen = " / ".join(f"{r['partial_slots']} of {r['slots']}" for r in rs)
+                partial += f" (slots run partial: {chosen})"
             lines.append(f"| {name} | {v} | {partial} | {med([cost(r) for r in rs])} | {vals} | "
                          f"{med([time_ratio(r) for r in rs])}x | {tgt} |")
     return "\n".join(lines)

@@ -264,3 +264,21 @@ def test_the_guard_keeps_the_prefix_where_the_probe_loss_is_lower():
     cb._judge(model, batch)
     assert cb.rolled_back == 1 and all(torch.equal(p, g) for p, g in zip(cb._params(model), good))
     assert model.training  # the probes ran in eval mode and the mode is restored
+
+
+@pytest.mark.parametrize(("partial_gain", "expected"),
+                         [(2.0, [1, 0, 0, 1, 1, 1, 1, 1]), (0.5, [1, 0, 0, 1, 0, 0, 0, 0])])
+def test_the_adaptive_variant_runs_the_slots_whose_progress_lasts(monkeypatch, partial_gain, expected):
+    clock = iter(range(10_000))
+    monkeypatch.setattr(partial_predict.time, "perf_counter", lambda: float(next(clock)))
+    cb = partial_predict.PartialPredict(("x",), "windows", True, full=2, partial=1, adaptive=True)
+    trainer = types.SimpleNamespace(max_steps=100)
+    level, arms = 10.0, []
+    for t in range(34):  # warmup ends at step 10; then 2 full steps and a 1-step slot, 8 times
+        cb._step = t
+        if cb._partial(t, 100):
+            arms.append(cb._arm)
+            level -= partial_gain if cb._arm else 1.0  # what a slot's steps are worth once the next stretch ran
+        else:
+            cb._track(trainer, {"loss": torch.tensor(level)})
+    assert [int(a) for a in arms] == expected and cb.slots == 8 and cb.partial_slots == sum(expected)

@@ -28,8 +28,8 @@ Variants, all in the same Lightning harness as ``time_to_loss`` (same seeds, dat
   FreezeOut).
 
 Prints one line per run, then writes every run to ``DIR/partial_predict.json`` and a table (per seed, with
-medians of ``c`` and of the wall-clock ratio) to ``DIR/partial_predict.md``. No guard: a partial step is never
-judged or rolled back (see the 48-step result in ``docs/predictors.md``).
+medians of ``c`` and of the wall-clock ratio) to ``DIR/partial_predict.md``. Only ``_guarded`` judges a window,
+and only ``_adaptive`` chooses between partial and full steps; ``docs/predictors.md`` says how both fared.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PREFIX = {  # the first layers of each workload's model, by parameter-name prefi
     "char_gpt": ("wte.", "wpe.", "blocks.0."),
 }
 VARIANTS = ("baseline", "control_0.8", "control_0.7", "windows_null", "windows_mean_velocity", "late_null")
-# windows_mean_velocity_guarded is not in the default set: it was added after the default set's runs
+# the _guarded and _adaptive variants are not in the default set: they came after the default set's runs
 FULL, PARTIAL, WARMUP, SNAP_EVERY, SNAPS = 24, 16, 0.1, 4, 7
 
 
@@ -136,8 +136,6 @@ class PartialPredict(Callback):
         # slots 0-3 of every 8 measure (partial, full, full, partial); slots 4-7 run the winner so far
         k = self.slots % 8
         self._arm = (k in (0, 3)) if k < 4 else self._edge > 0
-        if k >= 4:
-            self._rates = []  # exploitation slots are not part of a block
         self._before = (self._arm, mean, now) if k < 4 else None
         self.slots += 1
         self.partial_slots += self._arm
@@ -169,7 +167,8 @@ def probe_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     return F.cross_entropy(out.reshape(-1, out.size(-1)), y.reshape(-1)).item()
 
 
-def run_variant(spec: dict, name: str, variant: str, seed: int, args: argparse.Namespace) -> tuple[Run, int]:
+def run_variant(spec: dict, name: str, variant: str, seed: int,
+                args: argparse.Namespace) -> tuple[Run, PartialPredict | None]:
     steps, lr = spec["steps"], args.lr or spec["lr"]
     if variant.startswith("control_"):
         steps = round(steps * float(variant.split("_")[1]))

@@ -1,7 +1,8 @@
 """Partial prediction (issue 7): predict only the first layers, train the rest for real.
 
     python -m benchmarks.partial_predict [--workloads mlp cnn char_gpt] [--seeds 0 1] [--variants ...]
-        [--prefix NAME ...] [--full 24] [--partial 16] [--steps-factor 1.0] [--lr LR] [--out DIR]
+        [--prefix NAME ...] [--full 24] [--partial 16] [--steps-factor 1.0] [--lr LR] [--between FROM UNTIL]
+        [--out DIR]
 
 Backward stops at the first parameter that needs a gradient, so a step whose first layers get a
 predicted delta instead of a gradient costs less than a full step (the table's ``c``: the run's extra
@@ -60,9 +61,10 @@ class PartialPredict(Callback):
     """Freezes the prefix's parameters on partial steps and, with ``mean_velocity``, moves them."""
 
     def __init__(self, prefix: tuple[str, ...], schedule: str, mean_velocity: bool, full: int = FULL,
-                 partial: int = PARTIAL, guarded: bool = False, adaptive: bool = False) -> None:
+                 partial: int = PARTIAL, guarded: bool = False, adaptive: bool = False,
+                 between: tuple[float, float] = (0.0, 1.0)) -> None:
         self.prefix, self.schedule, self.mean_velocity = prefix, schedule, mean_velocity
-        self.full, self.partial, self.guarded = full, partial, guarded
+        self.full, self.partial, self.guarded, self.between = full, partial, guarded, between
         self.partial_steps = self.windows = self.rolled_back = 0
         self._start: list[torch.Tensor] = []  # the prefix where the window started (guarded only)
         self.adaptive, self.slots, self.partial_slots = adaptive, 0, 0
@@ -82,6 +84,8 @@ class PartialPredict(Callback):
         if self.schedule == "late":
             return t >= total // 2
         start = int(WARMUP * total)
+        if not self.between[0] * total <= t < self.between[1] * total:
+            return False
         return t >= start and (t - start) % (self.full + self.partial) >= self.full
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -177,7 +181,8 @@ def run_variant(spec: dict, name: str, variant: str, seed: int,
         steps = round(steps * args.steps_factor)  # the schedule stretches with the run
         prefix = tuple(args.prefix) if args.prefix else PREFIX[name]
         cb = PartialPredict(prefix, variant.split("_")[0], "mean_velocity" in variant, args.full, args.partial,
-                            guarded=variant.endswith("_guarded"), adaptive=variant.endswith("_adaptive"))
+                            guarded=variant.endswith("_guarded"), adaptive=variant.endswith("_adaptive"),
+                            between=tuple(args.between))
     run = train(spec, variant, steps, lr, 0, None, "cpu", seed=seed, extra_callbacks=lambda _: [cb] if cb else [])
     return run, cb
 
@@ -192,6 +197,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--partial", type=int, default=PARTIAL, help="partial steps per window")
     ap.add_argument("--steps-factor", type=float, default=1.0,
                     help="run the partial variants for this many times the baseline's steps")
+    ap.add_argument("--between", nargs=2, type=float, default=[0.0, 1.0], metavar=("FROM", "UNTIL"),
+                    help="windows only between these fractions of the run (default: all of it after warmup)")
     ap.add_argument("--lr", type=float, help="peak LR for every variant (default: the workload's tuned one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny models and runs (smoke test)")
@@ -254,6 +261,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Machine: {machine(args)}. Prefix: {prefix}; windows {args.full} full + {args.partial} partial; "
              f"partial variants run {args.steps_factor:g}x the baseline's steps. "
              + (f"Peak LR {args.lr:g} for every run. " if getattr(args, "lr", None) else "")
+             + (f"Windows only between {args.between[0]:g} and {args.between[1]:g} of the run. "
+                if list(getattr(args, "between", [0.0, 1.0])) != [0.0, 1.0] else "")
              + f"Seeds {args.seeds}; per seed, final val / wall-clock relative to the "
              "baseline / speedup to the baseline's final val (not reached: -).", "",
              "| workload | variant | partial steps | c (median) | final val per seed | wall-clock (median) "

@@ -282,3 +282,11 @@ def test_the_adaptive_variant_runs_the_slots_whose_progress_lasts(monkeypatch, p
         else:
             cb._track(trainer, {"loss": torch.tensor(level)})
     assert [int(a) for a in arms] == expected and cb.slots == 8 and cb.partial_slots == sum(expected)
+
+
+def test_windows_fall_only_between_the_chosen_fractions_of_the_run():
+    everywhere = partial_predict.PartialPredict(("x",), "windows", True, full=2, partial=1)
+    late = partial_predict.PartialPredict(("x",), "windows", True, full=2, partial=1, between=(0.5, 1.0))
+    slots = [t for t in range(100) if everywhere._partial(t, 100)]
+    assert slots[0] == 12 and slots == list(range(12, 100, 3))  # warmup 10 steps, then every third step
+    assert [t for t in range(100) if late._partial(t, 100)] == [t for t in slots if t >= 50]

@@ -70,8 +70,8 @@ class PartialPredict(Callback):
         self.adaptive, self.slots, self.partial_slots = adaptive, 0, 0
         self._arm = True  # the next slot runs partial steps
         self._losses: list[float] = []  # training losses of the current full stretch
-        self._before: tuple[bool, float, float] | None = None  # (arm, mean loss before the slot, its start time)
-        self._rates: list[tuple[bool, float]] = []  # (arm, progress per second) of the current ABBA block
+        self._before: tuple[float, float] | None = None  # (mean loss before a measured slot, its start time)
+        self._rates: list[float] = []  # progress per second of the current ABBA block's slots, in order
         self._edge = 0.0  # sum over measured blocks of (partial - full) progress per second
         self._frozen = False
         self._step = 0
@@ -131,16 +131,16 @@ class PartialPredict(Callback):
         now, mean = time.perf_counter(), statistics.fmean(self._losses)
         self._losses = []
         if self._before is not None:
-            arm, before, t0 = self._before
-            self._rates.append((arm, (before - mean) / (now - t0)))
+            before, t0 = self._before
+            self._rates.append((before - mean) / (now - t0))
         if len(self._rates) == 4:  # an ABBA block is complete
-            r = [rate for _, rate in self._rates]
+            r = self._rates
             self._edge += (r[0] + r[3] - r[1] - r[2]) / 2
             self._rates = []
         # slots 0-3 of every 8 measure (partial, full, full, partial); slots 4-7 run the winner so far
         k = self.slots % 8
         self._arm = (k in (0, 3)) if k < 4 else self._edge > 0
-        self._before = (self._arm, mean, now) if k < 4 else None
+        self._before = (mean, now) if k < 4 else None
         self.slots += 1
         self.partial_slots += self._arm
 

@@ -275,7 +275,11 @@ def test_always_wrong_predictor_stays_close_to_plain_training():
     assert cb.engine.counters["kept"] == 0 and cb.engine.counters["rollbacks"] > 0
     assert cb.report.steps["PREDICT"] < 0.02 * 1500  # it backs off
     reference = plain(fresh(), steps=1500)
-    assert val_loss(model) <= 1.02 * val_loss(reference)
+    # once in five clean-clone CI runs this ended at 1.025x (1.0077x in every local run): say what the run did
+    results = [(r.start_step, r.horizon, r.kept) for r in cb.results]
+    assert val_loss(model) <= 1.02 * val_loss(reference), (
+        f"predicted {cb.report.steps['PREDICT']} steps, phases (start, horizon, kept) {results}, "
+        f"counters {dict(cb.engine.counters)}, threads {torch.get_num_threads()}")
 
 
 # ---------------------------------------------------------------- killed mid-Predict

@@ -15,8 +15,13 @@ Variants, all in the same Lightning harness as ``time_to_loss`` (same seeds, dat
   80% / 70% of the steps with the schedule compressed (the equal-compute control);
 - ``windows_null``: after 10% warmup, 24 full steps then 16 partial steps, repeated; the prefix stands
   still during partial steps (predicted delta 0, Adam state untouched);
-- ``windows_mean_velocity``: the same, the prefix moves each partial step by its mean displacement per
-  step over the last full window (snapshots every 4 steps), scaled by the LR ratio;
+- ``windows_mean_velocity``: the same, the prefix moves each partial step by ``--gain`` times its mean
+  displacement per step between the oldest and the newest of its last 7 snapshots (taken every 4 full
+  steps, so the span crosses the previous partial window when a full window is shorter than 28 steps),
+  scaled by the LR ratio. The first version divided the displacement by 24 steps whatever the span (40
+  steps for 24 + 16 and 16 + 16 windows, 72 for 8 + 16 and 24 + 48), so it moved 5/3 (or 3) times the
+  mean velocity; ``--gain 1.667`` reproduces it for 24 + 16 and 16 + 16 windows (the results README says
+  which folders ran with it);
 - ``windows_mean_velocity_guarded``: the same, judged at each window's end by a paired probe: the loss of
   the window's last batch (no grad, eval mode) with the prefix where the prediction took it and where the
   window started, the rest as trained; the lower one stays (a prefix-only rollback, 2 forwards per window);
@@ -26,7 +31,15 @@ Variants, all in the same Lightning harness as ``time_to_loss`` (same seeds, dat
   (partial, full, full, partial: a linear trend cancels), then the block's winner runs the next 4 slots;
   the sum of the blocks' differences so far picks the winner;
 - ``late_null``: the prefix stands still for the second half of training (progressive freezing, as in
-  FreezeOut).
+  FreezeOut);
+- ``prefix_lr_0.5`` (any factor): a control, no partial steps: every step is a real one, but inside the
+  windowed range (after warmup, within ``--between``) the prefix's AdamW step is scaled by the factor, i.e.
+  its LR is. If the windows' gain came from moving the first layers with less noise (a lower noise
+  temperature), a lower LR for them would give it too, at full cost.
+
+``--prefix-lr X`` scales the prefix's real steps by X inside the windowed range in every variant (the
+baseline and controls included), so the partial variants are compared with a baseline whose first layers'
+LR is tuned too.
 
 Prints one line per run, then writes every run to ``DIR/partial_predict.json`` and a table (per seed, with
 medians of ``c`` and of the wall-clock ratio) to ``DIR/partial_predict.md``. Only ``_guarded`` judges a window,
@@ -62,8 +75,8 @@ class PartialPredict(Callback):
 
     def __init__(self, prefix: tuple[str, ...], schedule: str, mean_velocity: bool, full: int = FULL,
                  partial: int = PARTIAL, guarded: bool = False, adaptive: bool = False,
-                 between: tuple[float, float] = (0.0, 1.0)) -> None:
-        self.prefix, self.schedule, self.mean_velocity = prefix, schedule, mean_velocity
+                 between: tuple[float, float] = (0.0, 1.0), gain: float = 1.0) -> None:
+        self.prefix, self.schedule, self.mean_velocity, self.gain = prefix, schedule, mean_velocity, gain
         self.full, self.partial, self.guarded, self.between = full, partial, guarded, between
         self.partial_steps = self.windows = self.rolled_back = 0
         self._start: list[torch.Tensor] = []  # the prefix where the window started (guarded only)
@@ -75,7 +88,7 @@ class PartialPredict(Callback):
         self._edge = 0.0  # sum over measured blocks of (partial - full) progress per second
         self._frozen = False
         self._step = 0
-        self._snaps: list[tuple[float, list[torch.Tensor]]] = []  # (lr, prefix copies)
+        self._snaps: list[tuple[int, float, list[torch.Tensor]]] = []  # (step, lr, prefix copies)
 
     def _params(self, module) -> list[torch.nn.Parameter]:
         return [p for n, p in module.named_parameters() if n.startswith(self.prefix)]
@@ -106,16 +119,15 @@ class PartialPredict(Callback):
         if self._frozen:
             self.partial_steps += 1
             if self.mean_velocity and len(self._snaps) >= 2:
-                (_, first), (last_lr, last) = self._snaps[0], self._snaps[-1]
-                span = SNAP_EVERY * (len(self._snaps) - 1)
+                (t0, _, first), (t1, last_lr, last) = self._snaps[0], self._snaps[-1]
                 for p, a, b in zip(self._params(pl_module), first, last):
-                    p.add_(b - a, alpha=lr / last_lr / span)
+                    p.add_(b - a, alpha=self.gain * lr / last_lr / (t1 - t0))
             if self._step + 1 == trainer.max_steps or not self._partial(self._step + 1, trainer.max_steps):
                 self.windows += 1
                 if self.guarded:
                     self._judge(pl_module, batch)
         elif self._step % SNAP_EVERY == 0:
-            self._snaps.append((lr, [p.detach().clone() for p in self._params(pl_module)]))
+            self._snaps.append((self._step, lr, [p.detach().clone() for p in self._params(pl_module)]))
             del self._snaps[:-SNAPS]
 
     def _track(self, trainer, outputs) -> None:
@@ -162,6 +174,35 @@ class PartialPredict(Callback):
         module.train(training)
 
 
+class ScaledPrefixStep(Callback):
+    """Scales the prefix's optimizer step by ``scale`` (its LR, for AdamW) on steps inside the range."""
+
+    def __init__(self, prefix: tuple[str, ...], scale: float, between: tuple[float, float] = (0.0, 1.0)) -> None:
+        self.prefix, self.scale, self.between = prefix, scale, between
+        self.scaled_steps = 0
+        self._before: list[torch.Tensor] = []
+
+    def _params(self, module) -> list[torch.nn.Parameter]:
+        return [p for n, p in module.named_parameters() if n.startswith(self.prefix)]
+
+    def _inside(self, t: int, total: int) -> bool:
+        return t >= int(WARMUP * total) and self.between[0] * total <= t < self.between[1] * total
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        inside = self._inside(trainer.global_step, trainer.max_steps)
+        self._before = [p.detach().clone() for p in self._params(pl_module)] if inside else []
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self._before:
+            return
+        # AdamW's step (weight decay included) is linear in the LR, so scaling the step scales the LR
+        for p, b in zip(self._params(pl_module), self._before):
+            p.copy_(torch.lerp(b, p, self.scale))
+        self.scaled_steps += 1
+        self._before = []
+
+
 def probe_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
     """The workloads' training loss: cross-entropy for class targets, MSE for real-valued ones."""
     x, y = batch
@@ -172,18 +213,23 @@ def probe_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 
 
 def run_variant(spec: dict, name: str, variant: str, seed: int,
-                args: argparse.Namespace) -> tuple[Run, PartialPredict | None]:
+                args: argparse.Namespace) -> tuple[Run, PartialPredict | ScaledPrefixStep | None]:
     steps, lr = spec["steps"], args.lr or spec["lr"]
     if variant.startswith("control_"):
         steps = round(steps * float(variant.split("_")[1]))
-    cb = None
-    if variant.startswith(("windows", "late")):
+    cb, prefix = None, tuple(args.prefix) if args.prefix else PREFIX[name]
+    scaled = [ScaledPrefixStep(prefix, args.prefix_lr, tuple(args.between))] if args.prefix_lr != 1.0 else []
+    if variant.startswith("prefix_lr_"):
+        if scaled:
+            raise ValueError(f"{variant} and --prefix-lr both scale the prefix's steps: use one")
+        cb = ScaledPrefixStep(prefix, float(variant.split("_")[-1]), tuple(args.between))
+    elif variant.startswith(("windows", "late")):
         steps = round(steps * args.steps_factor)  # the schedule stretches with the run
-        prefix = tuple(args.prefix) if args.prefix else PREFIX[name]
         cb = PartialPredict(prefix, variant.split("_")[0], "mean_velocity" in variant, args.full, args.partial,
                             guarded=variant.endswith("_guarded"), adaptive=variant.endswith("_adaptive"),
-                            between=tuple(args.between))
-    run = train(spec, variant, steps, lr, 0, None, "cpu", seed=seed, extra_callbacks=lambda _: [cb] if cb else [])
+                            between=tuple(args.between), gain=args.gain)
+    callbacks = scaled + ([cb] if cb else [])  # scaled first: it must see the optimizer's step, not the prediction
+    run = train(spec, variant, steps, lr, 0, None, "cpu", seed=seed, extra_callbacks=lambda _: callbacks)
     return run, cb
 
 
@@ -199,6 +245,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="run the partial variants for this many times the baseline's steps")
     ap.add_argument("--between", nargs=2, type=float, default=[0.0, 1.0], metavar=("FROM", "UNTIL"),
                     help="windows only between these fractions of the run (default: all of it after warmup)")
+    ap.add_argument("--gain", type=float, default=1.0,
+                    help="move the prefix this many times its mean velocity on partial steps")
+    ap.add_argument("--prefix-lr", type=float, default=1.0,
+                    help="scale the prefix's real steps by this inside the windowed range, in every variant")
     ap.add_argument("--lr", type=float, help="peak LR for every variant (default: the workload's tuned one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny models and runs (smoke test)")
@@ -213,12 +263,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in args.seeds:  # variants interleaved within a seed, so drift on the host hits all alike
             for v in args.variants:
                 run, cb = run_variant(spec, name, v, seed, args)
-                secs, partial = run.curve[-1].seconds, cb.partial_steps if cb else 0
+                secs, partial = run.curve[-1].seconds, getattr(cb, "partial_steps", 0)
                 print(f"{name} seed {seed} {v:22s} steps {run.steps:5d} partial {partial:4d} "
                       f"seconds {secs:6.1f} final val {run.final_val:.4f}", flush=True)
                 rows.append({"workload": name, "seed": seed, "variant": v, "steps": run.steps, "partial": partial,
-                             "windows": cb.windows if cb else 0, "rolled_back": cb.rolled_back if cb else 0,
-                             "slots": cb.slots if cb else 0, "partial_slots": cb.partial_slots if cb else 0,
+                             **{k: getattr(cb, k, 0) for k in ("windows", "rolled_back", "slots", "partial_slots")},
                              "seconds": secs, "final_val": run.final_val,
                              "curve": [(p.step, p.seconds, p.val) for p in run.curve]})
     (args.out / "partial_predict.json").write_text(json.dumps(rows, indent=1))
@@ -261,6 +310,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Machine: {machine(args)}. Prefix: {prefix}; windows {args.full} full + {args.partial} partial; "
              f"partial variants run {args.steps_factor:g}x the baseline's steps. "
              + (f"Peak LR {args.lr:g} for every run. " if getattr(args, "lr", None) else "")
+             + (f"Mean velocity times {args.gain:g}. " if getattr(args, "gain", 1.0) != 1.0 else "")
+             + (f"The prefix's real steps scaled by {args.prefix_lr:g} in the windowed range, in every variant. "
+                if getattr(args, "prefix_lr", 1.0) != 1.0 else "")
              + (f"Windows only between {args.between[0]:g} and {args.between[1]:g} of the run. "
                 if list(getattr(args, "between", [0.0, 1.0])) != [0.0, 1.0] else "")
              + f"Seeds {args.seeds}; per seed, final val / wall-clock relative to the "

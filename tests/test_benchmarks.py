@@ -290,3 +290,44 @@ def test_windows_fall_only_between_the_chosen_fractions_of_the_run():
     slots = [t for t in range(100) if everywhere._partial(t, 100)]
     assert slots[0] == 12 and slots == list(range(12, 100, 3))  # warmup 10 steps, then every third step
     assert [t for t in range(100) if late._partial(t, 100)] == [t for t in slots if t >= 50]
+
+
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_mean_velocity_is_the_displacement_per_step_between_the_snapshots_it_spans(gain):
+    spec = _quick_mlp()
+    spec["_out"], spec["_regime"] = "", "adamw_cosine"
+    cb = partial_predict.PartialPredict(("net.0.",), "windows", True, full=8, partial=4, gain=gain)
+    rec = _PrefixRecorder(cb)
+    time_to_loss.train(spec, "partial", 60, 3e-3, 0, None, "cpu", extra_callbacks=lambda _: [cb, rec])
+    frozen = [f for f, *_ in rec.steps]
+    starts = [t for t in range(1, 60) if frozen[t] and not frozen[t - 1]]
+    assert starts == [14, 26, 38, 50]  # warmup 6 steps, then 8 full + 4 partial
+    for start in starts[1:]:  # the first window's snapshots do not cross a partial window yet
+        snaps = [t for t in range(start) if not frozen[t] and t % partial_predict.SNAP_EVERY == 0]
+        t0, t1 = snaps[-partial_predict.SNAPS:][0], snaps[-1]
+        assert any(frozen[t0:t1])  # the span crosses the previous window: counted in steps, not snapshots
+        moved = rec.steps[start][1] - rec.steps[start - 1][1]
+        lr, last_lr = rec.steps[start][3], rec.steps[t1][3]
+        expected = gain * (rec.steps[t1][1] - rec.steps[t0][1]) / (t1 - t0) * lr / last_lr
+        torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_scaled_prefix_step_scales_only_the_prefix_and_only_inside_the_range(scale):
+    spec = _quick_mlp()
+    spec["_out"], spec["_regime"] = "", "adamw_cosine"
+
+    def run(callbacks):
+        recorder = _PrefixRecorder(types.SimpleNamespace(prefix=("net.0.",), _frozen=False,
+                                                         _params=lambda m: [m.get_parameter("net.0.weight")]))
+        time_to_loss.train(spec, "scaled", 40, 3e-3, 0, None, "cpu", extra_callbacks=lambda _: callbacks + [recorder])
+        return recorder.steps
+
+    plain = run([])
+    scaled = run([partial_predict.ScaledPrefixStep(("net.0.",), scale, between=(0.5, 1.0))])
+    if scale == 1.0:  # scaling by one changes nothing
+        assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(plain, scaled))
+        return
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain[:20], scaled[:20]))  # before the range: plain steps
+    assert all(torch.equal(scaled[19][1], s[1]) for s in scaled[20:])  # inside it the prefix stands still
+    assert all(not torch.equal(a[2], b[2]) for a, b in zip(scaled[20:], scaled[21:]))  # the rest trains

@@ -37,9 +37,9 @@ Variants, all in the same Lightning harness as ``time_to_loss`` (same seeds, dat
   its LR is. If the windows' gain came from moving the first layers with less noise (a lower noise
   temperature), a lower LR for them would give it too, at full cost.
 
-``--prefix-lr X`` scales the prefix's real steps by X inside the windowed range in every variant (the
-baseline and controls included), so the partial variants are compared with a baseline whose first layers'
-LR is tuned too.
+``--prefix-lr X`` scales the prefix's real steps by X inside the windowed range (or within
+``--prefix-lr-between``) in every variant, the baseline and controls included, so the partial variants
+are compared with a baseline whose first layers' LR is tuned too.
 
 Prints one line per run, then writes every run to ``DIR/partial_predict.json`` and a table (per seed, with
 medians of ``c`` and of the wall-clock ratio) to ``DIR/partial_predict.md``. Only ``_guarded`` judges a window,
@@ -218,7 +218,8 @@ def run_variant(spec: dict, name: str, variant: str, seed: int,
     if variant.startswith("control_"):
         steps = round(steps * float(variant.split("_")[1]))
     cb, prefix = None, tuple(args.prefix) if args.prefix else PREFIX[name]
-    scaled = [ScaledPrefixStep(prefix, args.prefix_lr, tuple(args.between))] if args.prefix_lr != 1.0 else []
+    scaled_range = tuple(args.prefix_lr_between or args.between)
+    scaled = [ScaledPrefixStep(prefix, args.prefix_lr, scaled_range)] if args.prefix_lr != 1.0 else []
     if variant.startswith("prefix_lr_"):
         if scaled:
             raise ValueError(f"{variant} and --prefix-lr both scale the prefix's steps: use one")
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="move the prefix this many times its mean velocity on partial steps")
     ap.add_argument("--prefix-lr", type=float, default=1.0,
                     help="scale the prefix's real steps by this inside the windowed range, in every variant")
+    ap.add_argument("--prefix-lr-between", nargs=2, type=float, metavar=("FROM", "UNTIL"),
+                    help="where --prefix-lr applies (default: --between)")
     ap.add_argument("--lr", type=float, help="peak LR for every variant (default: the workload's tuned one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny models and runs (smoke test)")
@@ -311,8 +314,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
              f"partial variants run {args.steps_factor:g}x the baseline's steps. "
              + (f"Peak LR {args.lr:g} for every run. " if getattr(args, "lr", None) else "")
              + (f"Mean velocity times {args.gain:g}. " if getattr(args, "gain", 1.0) != 1.0 else "")
-             + (f"The prefix's real steps scaled by {args.prefix_lr:g} in the windowed range, in every variant. "
-                if getattr(args, "prefix_lr", 1.0) != 1.0 else "")
+             + (f"The prefix's real steps scaled by {args.prefix_lr:g} between "
+                f"{' and '.join(f'{x:g}' for x in (args.prefix_lr_between or args.between))} of the run, "
+                "in every variant. " if getattr(args, "prefix_lr", 1.0) != 1.0 else "")
              + (f"Windows only between {args.between[0]:g} and {args.between[1]:g} of the run. "
                 if list(getattr(args, "between", [0.0, 1.0])) != [0.0, 1.0] else "")
              + f"Seeds {args.seeds}; per seed, final val / wall-clock relative to the "

@@ -72,6 +72,8 @@ class DivergenceConfig:
     grad_vanishing_factor: float = 1e-4  # grad norm below factor x running median
     oscillation_threshold: float = 0.9  # fraction of sign flips of loss differences in the window
     rollback_tolerance: float = 0.0  # keep a phase if probe loss after <= before * (1 + tolerance)
+    confirm_batches: int = 2  # a phase its probe would keep must also pass on up to this many earlier batches
+    confirm_margin: float = 0.1  # ... unless the probe loss fell by more than this fraction (clearly better)
 
 
 @dataclass
@@ -232,6 +234,8 @@ class HybridConfig:
                       hi_open=True)
         c.float_range("divergence.oscillation_threshold", v.oscillation_threshold, 0.0, 1.0, lo_open=True)
         c.float_range("divergence.rollback_tolerance", v.rollback_tolerance, 0.0, 10.0)
+        c.int_range("divergence.confirm_batches", v.confirm_batches, 0, 16)
+        c.float_range("divergence.confirm_margin", v.confirm_margin, 0.0, 1.0)
 
         b = self.bandit
         if b.arms is not None:

@@ -269,17 +269,52 @@ def test_lr_blow_up_is_detected_and_the_horizon_shrinks():
 
 
 # ---------------------------------------------------------------- always-wrong predictor
-def test_always_wrong_predictor_stays_close_to_plain_training():
+class Dropping(StepData):
+    """Plain training that loses the given steps' updates, as a rolled-back Predict phase does."""
+
+    lost: frozenset[int] = frozenset()
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step in self.lost:
+            return None  # Lightning then skips backward and the update; the step still counts
+        return super().training_step(batch, batch_idx)
+
+
+def lost_steps(cb) -> frozenset[int]:
+    return frozenset(r.start_step + i for r in cb.results if not r.kept for i in range(r.steps))
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
+def test_always_wrong_predictor_costs_only_the_steps_it_rolled_back():
     model = fresh()
     tr, cb, log = run(model, HybridConfig(), steps=1500, factory=Harmful)  # default settings
     assert cb.engine.counters["kept"] == 0 and cb.engine.counters["rollbacks"] > 0
-    assert cb.report.steps["PREDICT"] < 0.02 * 1500  # it backs off
-    reference = plain(fresh(), steps=1500)
-    # once in five clean-clone CI runs this ended at 1.025x (1.0077x in every local run): say what the run did
-    results = [(r.start_step, r.horizon, r.kept) for r in cb.results]
-    assert val_loss(model) <= 1.02 * val_loss(reference), (
-        f"predicted {cb.report.steps['PREDICT']} steps, phases (start, horizon, kept) {results}, "
-        f"counters {dict(cb.engine.counters)}, threads {torch.get_num_threads()}")
+    lost = lost_steps(cb)
+    assert len(lost) == cb.report.steps["PREDICT"] <= 8  # it backs off: at most 0.5% of the run
+    # nothing else differs: the result is plain training that lost those steps, to the bit
+    Dropping.lost = lost
+    same = plain(fresh(Dropping), steps=1500)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    # What the lost steps cost depends on where they fall, not on the plugin: 4 steps at 120-224 cost 0.8% of
+    # final val, 2 more at 1479-1480 another 1.7% (this model's final iterate is that sensitive), and which
+    # phases run depends on the overhead budget's clock. So the bound is loose; the equality above is the test.
+    assert val_loss(model) <= 1.05 * val_loss(plain(fresh(), steps=1500))
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
+def test_a_late_harmful_phase_that_one_batch_would_keep_is_confirmed_and_rolled_back(monkeypatch):
+    # the budget's clock decides when a dormant engine wakes; fixing it puts the last phase at step 1479, where
+    # the always-wrong move lowers that batch's loss by chance (0.003379 -> 0.003319). Kept, it cost 15% of val.
+    monkeypatch.setattr(HybridEngine, "_steps_owed", lambda self: max(0, 1360 - self.step) if self.step > 1000 else 0)
+    model = fresh()
+    tr, cb, log = run(model, HybridConfig(), steps=1500, factory=Harmful)
+    last = cb.results[-1]
+    assert (last.start_step, last.kept, last.reason) == (1479, False, "confirm")
+    assert last.loss_after < last.loss_before  # the phase's own batch would have kept it
+    assert cb.engine.counters["kept"] == 0 and cb.engine.counters["confirm_rollbacks"] == 1
+    Dropping.lost = lost_steps(cb)
+    same = plain(fresh(Dropping), steps=1500)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
 
 
 # ---------------------------------------------------------------- killed mid-Predict

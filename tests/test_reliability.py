@@ -285,19 +285,23 @@ def lost_steps(cb) -> frozenset[int]:
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
-def test_always_wrong_predictor_costs_only_the_steps_it_rolled_back():
+def test_always_wrong_predictor_costs_only_the_steps_it_rolled_back(monkeypatch):
+    # the overhead budget's clock moves where a dormant engine wakes (a third phase at 1473-1481, or none):
+    # with it fixed, the run is the same every time; the next test pins such a late phase
+    monkeypatch.setattr(HybridEngine, "_steps_owed", lambda self: 0)
     model = fresh()
     tr, cb, log = run(model, HybridConfig(), steps=1500, factory=Harmful)  # default settings
     assert cb.engine.counters["kept"] == 0 and cb.engine.counters["rollbacks"] > 0
     lost = lost_steps(cb)
     assert len(lost) == cb.report.steps["PREDICT"] <= 8  # it backs off: at most 0.5% of the run
     # nothing else differs: the result is plain training that lost those steps, to the bit
-    Dropping.lost = lost
+    monkeypatch.setattr(Dropping, "lost", lost)
     same = plain(fresh(Dropping), steps=1500)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
-    # What the lost steps cost depends on where they fall, not on the plugin: 4 steps at 120-224 cost 0.8% of
-    # final val, 2 more at 1479-1480 another 1.7% (this model's final iterate is that sensitive), and which
-    # phases run depends on the overhead budget's clock. So the bound is loose; the equality above is the test.
+    # What lost steps cost depends on where they fall, not on the plugin: these 4 at 120-224 cost 0.8% of final
+    # val; 2 more at 1479-1480 (the budget's clock can put a phase there) cost another 1.7%, as plain training
+    # that drops them shows: this model's final iterate is that sensitive. So the bound is loose; the equality
+    # above is the test.
     assert val_loss(model) <= 1.05 * val_loss(plain(fresh(), steps=1500))
 
 
@@ -312,7 +316,7 @@ def test_a_late_harmful_phase_that_one_batch_would_keep_is_confirmed_and_rolled_
     assert (last.start_step, last.kept, last.reason) == (1479, False, "confirm")
     assert last.loss_after < last.loss_before  # the phase's own batch would have kept it
     assert cb.engine.counters["kept"] == 0 and cb.engine.counters["confirm_rollbacks"] == 1
-    Dropping.lost = lost_steps(cb)
+    monkeypatch.setattr(Dropping, "lost", lost_steps(cb))
     same = plain(fresh(Dropping), steps=1500)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
 

@@ -339,7 +339,8 @@ class HybridEngine:
         if plan.step != self.step:
             raise RuntimeError(f"observe() for step {self.step} but the plan is for step {plan.step}")
         self._plan = None
-        if probe is not None:
+        if probe is not None and self._recent_probes.maxlen > 1 and self.prediction_enabled and not self.dormant:
+            # only while a phase can follow: no phase ends within min_full_steps of waking, so none misses one
             self._recent_probes.append(probe)
         report = StepReport(self.step, plan.phase, plan.phase, phase_result=self._unreported)
         self._unreported = None
@@ -445,8 +446,10 @@ class HybridEngine:
         """Training stopped inside a Predict phase (early stopping, a time limit): judge the phase now, as at its
         end, so the run does not end on predicted weights nobody checked. Without a probe, roll it back."""
         if self.phase_state.phase is not Phase.PREDICT or self._phase_start is None:
+            self.release_probes()
             return None
         result = self._finish_phase(probe, forced_reason=None if probe is not None else "end_of_training")
+        self.release_probes()
         self.phase_state = PhaseState(Phase.FULL)
         self._plan = None
         return result
@@ -454,6 +457,7 @@ class HybridEngine:
     def flush(self) -> tuple[list[tuple[int, float | None, float | None]], list[HybridTrainingError]]:
         """At the end of training: read what waits. -> (step, loss, grad_norm) and events not reported yet."""
         self.read_late()
+        self.release_probes()
         late, self._late_read = self._late_read, []
         events, self._events = self._events, []
         return late, events
@@ -555,9 +559,9 @@ class HybridEngine:
         """Free the parameter-sized buffers that nothing reads while the engine only monitors: the
         trajectory's previous parameters and scratch, a parameter predictor's snapshot history (both
         start afresh when the engine wakes)."""
+        self.release_probes()
         if self.trajectory.has_snapshot:
             return
-        self._recent_probes.clear()  # they hold batches
         self.trajectory.release()
         restart = getattr(self.dynamics, "restart", None)  # optional in both protocols
         if isinstance(self.dynamics, ParameterDynamics) and callable(restart):
@@ -595,6 +599,7 @@ class HybridEngine:
         forwards = start["forwards"]
         before = after = float("nan")
         kept, corrected, reason = False, False, forced_reason or "probe"
+        confirmed = False  # the phase needed the earlier batches' confirmation
         refused = forced_reason == "line_search"  # before the first step: the parameters never moved
         correction_loss = float("nan")
         uncorrected = float("nan")
@@ -605,7 +610,8 @@ class HybridEngine:
             kept = not div.alarm
             if div.error is not None:
                 self._events.append(div.error)
-            if kept and after >= before * (1 - cfg.divergence.confirm_margin):  # not clearly better: confirm
+            confirmed = kept and after >= before - cfg.divergence.confirm_margin * abs(before)
+            if confirmed:  # not clearly better: its batch alone may be noise
                 kept, extra = self._confirm(probe)
                 forwards += extra
                 reason = "probe" if kept else "confirm"
@@ -621,7 +627,8 @@ class HybridEngine:
         if kept:
             uncorrected = after
             self.trajectory.drop_snapshot()
-            if probe is not None and math.isfinite(residual):
+            # a correction is judged on the one probe batch: not on a phase that batch alone could not settle
+            if probe is not None and math.isfinite(residual) and not confirmed:
                 corrected, after, correction_loss, extra = self._try_correction(probe, start["features"], residual,
                                                                                  rate, after)
                 forwards += extra
@@ -679,8 +686,9 @@ class HybridEngine:
         chance (an always-wrong predictor's late phases were kept 2 times in 8, and the runs ended 15% and 24%
         worse). So a phase that batch would keep must not look worse on the last steps' other batches
         either. -> (kept, forwards spent)."""
-        forwards = 0
-        for older in reversed([p for p in self._recent_probes if p is not probe]):
+        forwards, n = 0, self.config.divergence.confirm_batches
+        others = [p for p in self._recent_probes if p is not probe][-n:] if n else []
+        for older in reversed(others):
             before, after = self._probe_pair(older)
             forwards += 2
             div = self.monitor.check_phase(before, after)
@@ -690,6 +698,10 @@ class HybridEngine:
                     self._events.append(div.error)
                 return False, forwards
         return True, forwards
+
+    def release_probes(self) -> None:
+        """Drop the recent steps' probes (they hold batches). The engine does so while dormant and at the end."""
+        self._recent_probes.clear()
 
     def _try_correction(self, probe: Probe, features: Tensor, residual: float, rate: float,
                         after: float) -> tuple[bool, float, float, int]:

@@ -466,6 +466,8 @@ class HybridPredictiveTraining(Callback):
             strategy.hybrid_apply = None
         self._open = None
         self._last_probe = None
+        if self.engine is not None:
+            self.engine.release_probes()  # they hold batches (and, through the strategy, the trainer)
 
     def _finalize(self) -> None:
         e = self.engine
@@ -481,6 +483,7 @@ class HybridPredictiveTraining(Callback):
         r.skipped_nonfinite_steps, r.probe_forwards = c["skipped_steps"], c["probe_forwards"]
         r.dormant_steps = c["dormant_steps"]
         r.budget_extensions = c["budget_extensions"]
+        r.confirm_rollbacks = c["confirm_rollbacks"]
         r.observe_share = e.budget.share
         vals = self._metrics.values()
         r.mean_abs_residual, r.mean_value = vals["mean_abs_residual"], vals["mean_value"]

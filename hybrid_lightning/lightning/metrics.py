@@ -79,6 +79,7 @@ class HybridReport:
     predict_phases: int = 0
     kept_phases: int = 0
     rollbacks: int = 0
+    confirm_rollbacks: int = 0  # of the rollbacks: phases their own probe batch would have kept (divergence.confirm_*)
     refused_phases: int = 0  # line search: phases refused before their first step (not rollbacks)
     corrections_kept: int = 0
     divergence_events: int = 0
@@ -151,7 +152,8 @@ class HybridReport:
             f"backward passes run / skipped : {self.backward_passes} / {self.backward_skipped} "
             f"({100 * self.backward_skip_ratio:.1f}% skipped)",
             f"predict phases kept / rolled back: {self.kept_phases} / {self.rollbacks}"
-            f"  (corrections kept: {self.corrections_kept}; refused by the line search: {self.refused_phases})",
+            f"  (by the confirmation: {self.confirm_rollbacks}; corrections kept: {self.corrections_kept}; "
+            f"refused by the line search: {self.refused_phases})",
             f"divergence events              : {self.divergence_events}"
             f"  (non-finite real steps skipped: {self.skipped_nonfinite_steps})",
             f"mean |residual| (loss units)   : {fmt(self.mean_abs_residual)}",

@@ -599,7 +599,7 @@ class HybridEngine:
         forwards = start["forwards"]
         before = after = float("nan")
         kept, corrected, reason = False, False, forced_reason or "probe"
-        confirmed = False  # the phase needed the earlier batches' confirmation
+        marginal = False  # its probe batch would keep it, but not by a clear margin: confirmed on earlier batches
         refused = forced_reason == "line_search"  # before the first step: the parameters never moved
         correction_loss = float("nan")
         uncorrected = float("nan")
@@ -610,8 +610,8 @@ class HybridEngine:
             kept = not div.alarm
             if div.error is not None:
                 self._events.append(div.error)
-            confirmed = kept and after >= before - cfg.divergence.confirm_margin * abs(before)
-            if confirmed:  # not clearly better: its batch alone may be noise
+            marginal = kept and after >= before - cfg.divergence.confirm_margin * abs(before)
+            if marginal:  # its batch alone may be noise
                 kept, extra = self._confirm(probe)
                 forwards += extra
                 reason = "probe" if kept else "confirm"
@@ -628,7 +628,7 @@ class HybridEngine:
             uncorrected = after
             self.trajectory.drop_snapshot()
             # a correction is judged on the one probe batch: not on a phase that batch alone could not settle
-            if probe is not None and math.isfinite(residual) and not confirmed:
+            if probe is not None and math.isfinite(residual) and not marginal:
                 corrected, after, correction_loss, extra = self._try_correction(probe, start["features"], residual,
                                                                                  rate, after)
                 forwards += extra

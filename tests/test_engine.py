@@ -274,3 +274,48 @@ def test_observe_requires_matching_plan():
     engine.plan()
     engine.observe(StepObservation(loss=1.0))
     assert engine.step == 1 and engine.plan().step == 1
+
+
+_change = st.floats(-0.3, 0.3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.5, 2.0), st.floats(-0.3, 0.1), st.tuples(st.floats(0.5, 2.0), _change),
+       st.tuples(st.floats(0.5, 2.0), _change))
+def test_a_phase_is_kept_only_if_its_batch_and_unless_clearly_better_the_two_before_do_not_get_worse(
+        before, change, older1, older2):
+    """Do no harm against one batch's noise. Each batch's probe reads a scripted loss: ``before`` at the phase's
+    snapshot, ``before * (1 + change)`` elsewhere. A phase is kept iff its last batch's loss does not rise and,
+    unless it fell by more than ``confirm_margin``, neither do the two batches before it."""
+    model, opt, engine = make(dynamics=_Scripted(4, 1, 1.0))
+    first_end = 16  # eager_config: 10 warmup + 6 full steps, then a one-step phase (the shortest horizon)
+    scripted = {i: (1.0, 0.0) for i in range(40)}
+    scripted.update({first_end: (before, change), first_end - 1: older1, first_end - 2: older2})
+    snapshot: list[torch.Tensor] = []
+    apply = engine.apply
+
+    def recording_apply(plan):
+        if engine.phase_state.steps_in_phase == 0:
+            snapshot[:] = params_of(model)
+        apply(plan)
+
+    engine.apply = recording_apply
+
+    def loss(m, b):
+        if torch.is_grad_enabled():
+            return loss_fn(m, b[:2])
+        at_snapshot = all(torch.equal(p, s) for p, s in zip(m.parameters(), snapshot))
+        value, rel = scripted[b[2]]
+        return torch.tensor(value if at_snapshot else value * (1 + rel))
+
+    res = train_steps(model, loss, opt, ((*batch(i), i) for i in range(40)), engine)
+    first = next(r.phase_result for r in res.reports if r.phase_result is not None)
+    assert first.start_step + first.steps - 1 == first_end
+    def read(value, rel):  # what the engine reads: the loss tensor's float32 values, before and after
+        return float(torch.tensor(value)), float(torch.tensor(value * (1 + rel)))
+
+    (b0, a0), *older = [read(*scripted[i]) for i in (first_end, first_end - 1, first_end - 2)]
+    clearly_better = a0 < b0 - engine.config.divergence.confirm_margin * b0
+    expected = a0 <= b0 and (clearly_better or all(a <= b for b, a in older))
+    assert first.kept == expected
+    assert first.reason == ("confirm" if a0 <= b0 and not expected else "probe")

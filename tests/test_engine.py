@@ -311,6 +311,7 @@ def test_a_phase_is_kept_only_if_its_batch_and_unless_clearly_better_the_two_bef
     res = train_steps(model, loss, opt, ((*batch(i), i) for i in range(40)), engine)
     first = next(r.phase_result for r in res.reports if r.phase_result is not None)
     assert first.start_step + first.steps - 1 == first_end
+
     def read(value, rel):  # what the engine reads: the loss tensor's float32 values, before and after
         return float(torch.tensor(value)), float(torch.tensor(value * (1 + rel)))
 

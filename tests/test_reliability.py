@@ -280,8 +280,13 @@ class Dropping(StepData):
         return super().training_step(batch, batch_idx)
 
 
-def lost_steps(cb) -> frozenset[int]:
-    return frozenset(r.start_step + i for r in cb.results if not r.kept for i in range(r.steps))
+def assert_plain_training_minus_the_rolled_back_steps(model, cb, monkeypatch):
+    """Nothing else differs: ``model`` is plain training that lost those steps, to the bit."""
+    lost = frozenset(r.start_step + i for r in cb.results if not r.kept for i in range(r.steps))
+    monkeypatch.setattr(Dropping, "lost", lost)
+    same = plain(fresh(Dropping), steps=1500)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    return lost
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
@@ -292,12 +297,8 @@ def test_always_wrong_predictor_costs_only_the_steps_it_rolled_back(monkeypatch)
     model = fresh()
     tr, cb, log = run(model, HybridConfig(), steps=1500, factory=Harmful)  # default settings
     assert cb.engine.counters["kept"] == 0 and cb.engine.counters["rollbacks"] > 0
-    lost = lost_steps(cb)
+    lost = assert_plain_training_minus_the_rolled_back_steps(model, cb, monkeypatch)
     assert len(lost) == cb.report.steps["PREDICT"] <= 8  # it backs off: at most 0.5% of the run
-    # nothing else differs: the result is plain training that lost those steps, to the bit
-    monkeypatch.setattr(Dropping, "lost", lost)
-    same = plain(fresh(Dropping), steps=1500)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
     # What lost steps cost depends on where they fall, not on the plugin: these 4 at 120-224 cost 0.8% of final
     # val; 2 more at 1479-1480 (the budget's clock can put a phase there) cost another 1.7%, as plain training
     # that drops them shows: this model's final iterate is that sensitive. So the bound is loose; the equality
@@ -316,9 +317,7 @@ def test_a_late_harmful_phase_that_one_batch_would_keep_is_confirmed_and_rolled_
     assert (last.start_step, last.kept, last.reason) == (1479, False, "confirm")
     assert last.loss_after < last.loss_before  # the phase's own batch would have kept it
     assert cb.engine.counters["kept"] == 0 and cb.engine.counters["confirm_rollbacks"] == 1
-    monkeypatch.setattr(Dropping, "lost", lost_steps(cb))
-    same = plain(fresh(Dropping), steps=1500)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    assert_plain_training_minus_the_rolled_back_steps(model, cb, monkeypatch)
 
 
 # ---------------------------------------------------------------- killed mid-Predict

@@ -339,7 +339,8 @@ class HybridEngine:
         if plan.step != self.step:
             raise RuntimeError(f"observe() for step {self.step} but the plan is for step {plan.step}")
         self._plan = None
-        if probe is not None and self._recent_probes.maxlen > 1 and self.prediction_enabled and not self.dormant:
+        if probe is not None and self.config.divergence.confirm_batches and self.prediction_enabled \
+                and not self.dormant:
             # only while a phase can follow: no phase ends within min_full_steps of waking, so none misses one
             self._recent_probes.append(probe)
         report = StepReport(self.step, plan.phase, plan.phase, phase_result=self._unreported)
@@ -604,12 +605,9 @@ class HybridEngine:
         correction_loss = float("nan")
         uncorrected = float("nan")
         if forced_reason is None and probe is not None:
-            before, after = self._probe_pair(probe)
+            before, after, alarm = self._judge_on(probe)
             forwards += 2
-            div = self.monitor.check_phase(before, after)
-            kept = not div.alarm
-            if div.error is not None:
-                self._events.append(div.error)
+            kept = not alarm
             marginal = kept and after >= before - cfg.divergence.confirm_margin * abs(before)
             if marginal:  # its batch alone may be noise
                 kept, extra = self._confirm(probe)
@@ -689,15 +687,19 @@ class HybridEngine:
         forwards, n = 0, self.config.divergence.confirm_batches
         others = [p for p in self._recent_probes if p is not probe][-n:] if n else []
         for older in reversed(others):
-            before, after = self._probe_pair(older)
             forwards += 2
-            div = self.monitor.check_phase(before, after)
-            if div.alarm:
+            if self._judge_on(older)[2]:
                 self.counters["confirm_rollbacks"] += 1
-                if div.error is not None:
-                    self._events.append(div.error)
                 return False, forwards
         return True, forwards
+
+    def _judge_on(self, probe: Probe) -> tuple[float, float, bool]:
+        """The paired probe on one batch and the monitor's verdict. -> (before, after, alarm)."""
+        before, after = self._probe_pair(probe)
+        div = self.monitor.check_phase(before, after)
+        if div.error is not None:
+            self._events.append(div.error)
+        return before, after, div.alarm
 
     def release_probes(self) -> None:
         """Drop the recent steps' probes (they hold batches). The engine does so while dormant and at the end."""

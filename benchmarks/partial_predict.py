@@ -70,6 +70,15 @@ VARIANTS = ("baseline", "control_0.8", "control_0.7", "windows_null", "windows_m
 FULL, PARTIAL, WARMUP, SNAP_EVERY, SNAPS = 24, 16, 0.1, 4, 7
 
 
+def prefix_params(module: torch.nn.Module, prefix: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if n.startswith(prefix)]
+
+
+def windowed(t: int, total: int, between: tuple[float, float]) -> bool:
+    """Step ``t`` lies after warmup and within the ``between`` fractions of the run."""
+    return t >= int(WARMUP * total) and between[0] * total <= t < between[1] * total
+
+
 class PartialPredict(Callback):
     """Freezes the prefix's parameters on partial steps and, with ``mean_velocity``, moves them."""
 
@@ -91,15 +100,12 @@ class PartialPredict(Callback):
         self._snaps: list[tuple[int, float, list[torch.Tensor]]] = []  # (step, lr, prefix copies)
 
     def _params(self, module) -> list[torch.nn.Parameter]:
-        return [p for n, p in module.named_parameters() if n.startswith(self.prefix)]
+        return prefix_params(module, self.prefix)
 
     def _partial(self, t: int, total: int) -> bool:
         if self.schedule == "late":
             return t >= total // 2
-        start = int(WARMUP * total)
-        if not self.between[0] * total <= t < self.between[1] * total:
-            return False
-        return t >= start and (t - start) % (self.full + self.partial) >= self.full
+        return windowed(t, total, self.between) and (t - int(WARMUP * total)) % (self.full + self.partial) >= self.full
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step = trainer.global_step
@@ -182,22 +188,16 @@ class ScaledPrefixStep(Callback):
         self.scaled_steps = 0
         self._before: list[torch.Tensor] = []
 
-    def _params(self, module) -> list[torch.nn.Parameter]:
-        return [p for n, p in module.named_parameters() if n.startswith(self.prefix)]
-
-    def _inside(self, t: int, total: int) -> bool:
-        return t >= int(WARMUP * total) and self.between[0] * total <= t < self.between[1] * total
-
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        inside = self._inside(trainer.global_step, trainer.max_steps)
-        self._before = [p.detach().clone() for p in self._params(pl_module)] if inside else []
+        inside = windowed(trainer.global_step, trainer.max_steps, self.between)
+        self._before = [p.detach().clone() for p in prefix_params(pl_module, self.prefix)] if inside else []
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self._before:
             return
         # AdamW's step (weight decay included) is linear in the LR, so scaling the step scales the LR
-        for p, b in zip(self._params(pl_module), self._before):
+        for p, b in zip(prefix_params(pl_module, self.prefix), self._before):
             p.copy_(torch.lerp(b, p, self.scale))
         self.scaled_steps += 1
         self._before = []

@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hybrid_lightning.errors import ConfigError
 
-PREDICTORS = ("rssm", "constant_velocity", "dmd", "tail_average", "nowcast", "null")
-PARAMETER_PREDICTORS = ("dmd", "tail_average", "nowcast", "null")  # predict a displacement of the parameters
+PREDICTORS = ("rssm", "constant_velocity", "dmd", "tail_average", "nowcast", "null", "drift")
+PARAMETER_PREDICTORS = ("dmd", "tail_average", "nowcast", "null", "drift")  # predict a displacement of the parameters
 ON_NONFINITE = ("skip", "raise")
 AFTER_JUMP = ("keep", "zero_momentum", "reset")
 
@@ -47,6 +47,7 @@ class DynamicsConfig:
     train_every: int = 2  # one training update every this many observed steps
     kl_weight: float = 0.1  # weight of KL(posterior || prior) in the training loss
     confidence_decay: float = 0.95  # EMA decay of the one-step prediction error behind confidence
+    drift_span: int = 10  # predictor "drift": observations (x trajectory.stride real steps) its velocity spans
     nowcaster: str = ""  # predictor "nowcast": weights from python -m hybrid_lightning.nowcast.train ("": shipped)
 
 
@@ -100,7 +101,7 @@ class HybridConfig:
     predict_threshold: float = 0.6  # predict only when confidence > threshold
     correct_steps: int = 1  # real steps of the Correct phase after each Predict phase
     monitor_every: int = 0  # run the user's forward every k-th predicted step (0: only the paired probe)
-    predictor: str = "rssm"  # "rssm", "constant_velocity", or research: "dmd", "tail_average", "nowcast", "null"
+    predictor: str = "rssm"  # "rssm", "constant_velocity"; research: "dmd", "drift", "tail_average", "nowcast", "null"
     on_nonfinite: str = "skip"  # real step with NaN/Inf gradients: "skip" it, or "raise"
     idle_read_every: int = 1  # on a GPU, while only monitoring: read losses k steps at a time (no sync, no NaN skip)
     after_jump: str = "keep"  # optimizer state after a kept Predict phase: "keep", "zero_momentum", or "reset"
@@ -204,6 +205,7 @@ class HybridConfig:
         c.float_range("dynamics.learning_rate", d.learning_rate, 0.0, 1.0, lo_open=True)
         c.int_range("dynamics.bptt_window", d.bptt_window, 2, 1_024)
         c.int_range("dynamics.train_every", d.train_every, 1, None)
+        c.int_range("dynamics.drift_span", d.drift_span, 1, 100_000)
         c.float_range("dynamics.kl_weight", d.kl_weight, 0.0, 100.0)
         c.float_range("dynamics.confidence_decay", d.confidence_decay, 0.0, 1.0, lo_open=True, hi_open=True)
         if d.nowcaster and not Path(d.nowcaster).is_file():

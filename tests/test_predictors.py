@@ -14,7 +14,7 @@ from hybrid_lightning.config import TrajectoryConfig
 from hybrid_lightning.core.dynamics import ParameterDynamics, make_dynamics
 from hybrid_lightning.core.engine import HybridEngine, StepObservation, StepReport
 from hybrid_lightning.core.phases import Phase
-from hybrid_lightning.core.predictors import DMDPredictor, NullPredictor, TailAverage
+from hybrid_lightning.core.predictors import DMDPredictor, Drift, NullPredictor, TailAverage
 from hybrid_lightning.core.trajectory import Trajectory
 
 
@@ -76,6 +76,58 @@ def test_tail_average_jumps_to_the_average_plus_its_drift():
     assert isinstance(ta, ParameterDynamics) and isinstance(null, ParameterDynamics)
 
 
+@given(st.lists(st.tuples(st.floats(-2, 2), st.booleans()), min_size=1, max_size=12), st.integers(1, 5),
+       st.integers(1, 3), st.integers(1, 20), st.integers(0, 2**16))
+def test_drift_is_the_mean_real_velocity_over_its_span_and_ignores_predicted_motion(obs, span, stride, steps,
+                                                                                     seed):
+    """Each observation is ``stride`` real steps moving by a random displacement; a flagged one is first preceded
+    by a jump the trajectory resyncs over (as the engine does after a Predict phase). The prediction is the mean
+    real displacement per step over the last ``span`` observations, times ``steps``; jumps never count."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.zeros(3, 2), torch.zeros(5)]
+    traj = Trajectory(params, TrajectoryConfig(stride=stride))
+    drift = Drift(2, 1, span=span)
+    assert drift.predict_displacement(traj, steps) is None  # no history yet
+    real = []
+    for scale, jump_first in obs:
+        if jump_first:
+            with torch.no_grad():
+                torch._foreach_add_(params, [torch.randn(p.shape, generator=g) * 100 for p in params])
+            traj.sync()
+        d = torch.randn(traj.numel, generator=g, dtype=torch.float64).float() * scale
+        with torch.no_grad():
+            torch._foreach_add_(params, traj._views(d))
+        for _ in range(stride):
+            traj.step_taken()
+        traj.record_real()
+        drift.observe_params(traj)
+        real.append(d)
+    last = real[-span:]
+    want = torch.stack(last).sum(0) * steps / (len(last) * stride)
+    torch.testing.assert_close(drift.predict_displacement(traj, steps), want, rtol=1e-4, atol=1e-4)
+
+
+def test_drift_cancels_oscillation_restarts_and_round_trips():
+    params = [torch.zeros(4)]
+    traj = Trajectory(params, TrajectoryConfig(stride=1))
+    v, w = torch.full((4,), 0.1), torch.tensor([1.0, -1.0, 2.0, 0.0])
+    drift = Drift(1, 1, span=10)
+    observe_sequence(drift, params, traj, [v + (-1) ** k * w for k in range(15)])  # even span: w cancels
+    torch.testing.assert_close(drift.predict_displacement(traj, 16), 16 * v)
+    other = Drift(1, 1, span=10)
+    buf = io.BytesIO()
+    torch.save(drift.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    observe_sequence(drift, params, traj, [v])
+    other.observe_params(traj)  # the same observation as drift's last
+    torch.testing.assert_close(other.predict_displacement(traj, 3), drift.predict_displacement(traj, 3))
+    drift.restart()  # a gap (the engine slept): the velocity starts afresh
+    assert drift.predict_displacement(traj, 3) is None
+    with pytest.raises(ValueError, match="span"):
+        Drift(1, 1, span=0)
+
+
 def test_engine_applies_a_displacement_in_equal_parts_and_resumes_exactly():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
@@ -119,8 +171,15 @@ def test_engine_applies_a_displacement_in_equal_parts_and_resumes_exactly():
 
 
 def test_make_dynamics_knows_the_research_predictors():
-    for name, cls in (("null", NullPredictor), ("tail_average", TailAverage), ("dmd", DMDPredictor)):
+    for name, cls in (("null", NullPredictor), ("tail_average", TailAverage), ("dmd", DMDPredictor),
+                      ("drift", Drift)):
         assert isinstance(make_dynamics(name, 3, 1, HybridConfig().dynamics, 0), cls)
+    cfg = HybridConfig(predictor="drift")
+    cfg.dynamics.drift_span = 7
+    assert make_dynamics("drift", 3, 1, cfg.dynamics, 0).span == 7
+    cfg.dynamics.drift_span = 0
+    with pytest.raises(ValueError, match="drift_span"):
+        cfg.validate()
 
 
 class _TowardTarget(NullPredictor):

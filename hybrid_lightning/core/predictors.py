@@ -8,12 +8,13 @@ equal-compute control. Method cards with the measurements are in ``docs/predicto
   that every other predictor must beat.
 - :class:`TailAverage`: jump to an exponential average of recent iterates, plus that average's own
   drift over the horizon (the averaged trajectory is much less noisy than the last iterate).
+- :class:`Drift`: the mean velocity of the real steps over a long span, from the last iterate.
 - :class:`DMDPredictor`: per-layer dynamic mode decomposition of the last few parameter snapshots:
   a linear map of successive displacements, fitted in their own span, iterated forward with its
   spectral radius clamped to 1. Oscillation along a valley wall shows up as a negative or complex
   eigenvalue and cancels out instead of being extrapolated.
 
-All three keep the loss model of :class:`ConstantVelocity` for the predicted loss trajectory and
+All keep the loss model of :class:`ConstantVelocity` for the predicted loss trajectory and
 report a constant confidence of 1: whether to predict is left to the bandit and the guard.
 """
 
@@ -89,6 +90,55 @@ class TailAverage(_ParameterPredictor):
         super().load_state_dict(sd)
         self._avg = None if sd["avg"] is None else sd["avg"].clone()
         self._prev_avg = None if sd["prev_avg"] is None else sd["prev_avg"].clone()
+
+
+class Drift(_ParameterPredictor):
+    """The mean velocity of the *real* steps over a long span (``span`` observations), from the last iterate.
+
+    Unlike :class:`ConstantVelocity` (a short EMA of the updates) the span is long enough for the back-and-forth
+    across a valley to cancel, leaving the slow motion along it; and predicted motion never enters the
+    velocity: it is summed from the real updates alone.
+    """
+
+    def __init__(self, n_layers: int, rank: int, span: int = 10) -> None:
+        super().__init__(n_layers, rank)
+        if span < 1:
+            raise ValueError(f"span must be >= 1 observation, got {span}")
+        self.span = span
+        self._pos: Tensor | None = None  # sum of the real steps' updates since the last restart
+        self._snaps: deque[tuple[int, Tensor]] = deque(maxlen=span + 1)  # (real steps, _pos then)
+        self._steps = 0
+
+    def observe_params(self, trajectory: Trajectory) -> None:
+        stride = trajectory.config.stride
+        if self._pos is None:
+            self._pos = torch.zeros_like(trajectory.last_update)
+            self._snaps.append((0, self._pos.clone()))
+        self._pos.add_(trajectory.last_update, alpha=stride)  # the update is per step, over one stride
+        self._steps += stride
+        self._snaps.append((self._steps, self._pos.clone()))
+
+    def restart(self) -> None:
+        self._pos, self._steps = None, 0
+        self._snaps.clear()
+
+    def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
+        if len(self._snaps) < 2:
+            return None
+        (t0, first), (t1, last) = self._snaps[0], self._snaps[-1]
+        return (last - first).mul_(steps / (t1 - t0))
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd.update(pos=None if self._pos is None else self._pos.clone(), steps=self._steps,
+                  snaps=[(t, s.clone()) for t, s in self._snaps])
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self._pos = None if sd["pos"] is None else sd["pos"].clone()
+        self._steps = int(sd["steps"])
+        self._snaps = deque(((int(t), s.clone()) for t, s in sd["snaps"]), maxlen=self.span + 1)
 
 
 class DMDPredictor(_ParameterPredictor):

@@ -315,6 +315,14 @@ class Trajectory:
             raise RuntimeError("the trajectory is not tracking (released): sync() first")
         return self._prev
 
+    @property
+    def last_update(self) -> Tensor:
+        """The real update read by the last :meth:`record_real`, per step (valid until the next read; do not
+        modify)."""
+        if self._scratch is None:
+            raise RuntimeError("no real update has been read since the last sync")
+        return self._scratch
+
     @staticmethod
     def is_finite(delta: Sequence[Tensor]) -> bool:
         norms = torch._foreach_norm(list(delta))

@@ -11,7 +11,12 @@ a real one, 0 nothing, < 0 harm. Reports the median q and its fraction > 0 per t
 Each run also ends with the validation loss, and ``real`` (no prediction) and ``null`` (the same
 steps predicted as "no change") anchor a *lasting* q: how much of a real step's value the predicted
 steps still hold at the end of training (1: as good as real steps; 0: as good as skipping them).
+``control`` (after ``null``) is the equal-compute control: plain training for as many real steps as the
+null run took, its schedule compressed to them.
 Output is about value, not time: no timing claims. Last lines: one JSON object per (workload, predictor).
+
+``--unguarded`` keeps phases the paired probe would roll back, to measure their lasting value: a
+predictor whose probe q is negative can still leave a lasting gain (``drift``, docs/predictors.md).
 
 ``--regimes`` (issue 7, item 5) changes the training setup (``benchmarks/regimes.py``): ``adamw_cosine``
 is the workload as tuned (AdamW, warmup + cosine); ``constant_lr`` keeps the LR flat after warmup;
@@ -35,12 +40,12 @@ from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 from hybrid_lightning.config import PREDICTORS
 
 
-def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
-            regime: str = "adamw_cosine", seed: int = 0, line_search: list[float] | None = None) -> dict:
-    """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss.
-    ``seed`` sets the model's initialization and the data order."""
+def forced_config(steps: int, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
+                  line_search: list[float] | None = None, unguarded: bool = False,
+                  drift_span: int | None = None) -> HybridConfig:
+    """The plugin forced to predict ``horizon`` steps after every ``min_full`` real ones (``real``: never)."""
     real = predictor == "real"
-    cfg = HybridConfig(warmup_steps=spec["steps"] // 10, min_full_steps=min_full, max_predict_steps=horizon,
+    cfg = HybridConfig(warmup_steps=steps // 10, min_full_steps=min_full, max_predict_steps=horizon,
                        predict_threshold=1.0 if real else 0.0, predictor="null" if real else predictor)
     cfg.bandit.arms = [0, horizon]
     cfg.bandit.alpha = 100.0
@@ -48,8 +53,26 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     cfg.bandit.dormant_after = 0
     cfg.corrector.weight_correction = False  # value of the prediction itself
     cfg.dynamics.nowcaster = nowcaster
+    if drift_span is not None:
+        cfg.dynamics.drift_span = drift_span
+    if unguarded:
+        cfg.divergence.rollback_tolerance = 10.0  # the largest the config allows
+        cfg.divergence.confirm_batches = 0
     if predictor not in ("real", "null"):  # the null control must stay a null control
         cfg.line_search = line_search
+    return cfg.validate()
+
+
+def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
+            regime: str = "adamw_cosine", seed: int = 0, line_search: list[float] | None = None,
+            unguarded: bool = False, drift_span: int | None = None, steps: int | None = None) -> dict:
+    """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss.
+    ``seed`` sets the model's initialization and the data order. ``unguarded``: keep every phase whose probe
+    loss does not grow more than 11-fold (the paired probe still measures q). ``steps``: run this many steps instead
+    of the workload's (the schedule compressed to them)."""
+    if steps is not None:
+        spec = {**spec, "steps": steps}
+    cfg = forced_config(spec["steps"], predictor, horizon, min_full, nowcaster, line_search, unguarded, drift_span)
     L.seed_everything(seed, verbose=False)
     spec = regime_spec(spec, regime)
     model = regime_model(_load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0), regime)
@@ -82,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--predictors", nargs="+", default=["real", "null", "constant_velocity", "rssm", "tail_average",
-                                                       "dmd"], choices=("real", *PREDICTORS))
+                                                       "dmd"], choices=("real", "control", *PREDICTORS))
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--min-full", type=int, default=24)
     p.add_argument("--nowcaster", default="", help="weights for predictor nowcast (default: the shipped ones)")
@@ -90,6 +113,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed of every run")
     p.add_argument("--line-search", type=float, nargs="+", default=None,
                    help="config line_search for every predictor but real and null (issue 7 item 1)")
+    p.add_argument("--unguarded", action="store_true",
+                   help="keep every phase unless its probe loss grows 11-fold: the lasting value of phases the "
+                        "one-batch probe would roll back")
+    p.add_argument("--drift-span", type=int, default=None, help="config dynamics.drift_span (predictor drift)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -100,9 +127,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             spec.update(spec.pop("quick"))
         for regime in args.regimes:
             for pred in args.predictors:
+                steps = None
+                if pred == "control":  # plain training for as many real steps as the null run took
+                    null = next((r for r in out if r["workload"] == w and r["regime"] == regime
+                                 and r["predictor"] == "null"), None)
+                    if null is None:
+                        p.error("predictor control needs null before it in --predictors")
+                    steps = null["steps"] - null["predicted_steps"]
                 res = {"workload": w, "regime": regime, "predictor": pred, "seed": args.seed,
-                       **measure(spec, pred, args.horizon, args.min_full, args.nowcaster, regime, args.seed,
-                                 args.line_search)}
+                       **measure(spec, "real" if pred == "control" else pred, args.horizon, args.min_full,
+                                 args.nowcaster, regime, args.seed, args.line_search, args.unguarded,
+                                 args.drift_span, steps)}
                 out.append(res)
                 print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 

@@ -22,6 +22,7 @@ from benchmarks import (
     step_cost,
     time_to_loss,
 )
+from hybrid_lightning.core.divergence import DivergenceMonitor
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -160,6 +161,23 @@ def test_predictor_value_runs_anchor_the_lasting_value(capsys):
     assert null["refused"] == 0 and null["median_step_length"] == 1.0  # the control is never line-searched
     assert tail["refused"] + tail["phases"] > 0 and tail["median_step_length"] in (None, 0.5, 2.0)
     assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out
+
+
+def test_predictor_value_control_and_unguarded_runs():
+    out = predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "null", "control", "drift",
+                                "--horizon", "4", "--min-full", "8", "--unguarded", "--drift-span", "3"])
+    null, control, drift = out
+    # the equal-compute control: plain training for as many real steps as the null run took
+    assert control["predicted_steps"] == 0 and control["steps"] == null["steps"] - null["predicted_steps"]
+    assert drift["phases"] > 0 and drift["kept"] == drift["phases"]
+    # unguarded: the probe still measures q, but a phase is kept unless its probe loss grows 11-fold
+    for unguarded, kept in ((False, False), (True, True)):
+        cfg = predictor_value.forced_config(100, "drift", 4, 8, unguarded=unguarded, drift_span=3)
+        assert cfg.dynamics.drift_span == 3
+        monitor = DivergenceMonitor(cfg.divergence)
+        assert monitor.check_phase(1.0, 5.0).alarm is not kept and monitor.check_phase(1.0, 12.0).alarm
+    with pytest.raises(SystemExit):  # the control needs the null run's count of real steps
+        predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "control"])
 
 
 def test_hook_profile_times_the_plugins_hooks_only_where_the_plugin_runs():

@@ -33,7 +33,9 @@ import statistics
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
+from benchmarks.partial_predict import probe_loss
 from benchmarks.regimes import REGIMES, regime_model, regime_spec
 from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
@@ -63,13 +65,46 @@ def forced_config(steps: int, predictor: str, horizon: int, min_full: int, nowca
     return cfg.validate()
 
 
+class AveragedProbe(Callback):
+    """Every ``every`` steps, the loss of the weights and of their EMA (``decay`` per step, predicted steps included)
+    on the same ``batches`` validation batches. The EMA removes the back-and-forth across the valley that the
+    schedule's final anneal also removes, so what a predicted step will be worth at the end shows in it mid-run."""
+
+    def __init__(self, every: int = 40, batches: int = 4, decay: float = 0.99) -> None:
+        self.every, self.batches, self.decay = every, batches, decay
+        self.curve: list[tuple[int, float, float]] = []  # (step, loss of the weights, loss of their EMA)
+        self._ema: list[torch.Tensor] | None = None
+        self._val: list = []
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        params = [p.detach() for p in pl_module.parameters()]
+        if self._ema is None:
+            self._ema = [p.clone() for p in params]
+            with torch.random.fork_rng():  # an iterator may draw a seed: keep training's random stream
+                self._val = [b for _, b in zip(range(self.batches), trainer.datamodule.val_dataloader())]
+        torch._foreach_lerp_(self._ema, params, 1 - self.decay)
+        if trainer.global_step % self.every:
+            return
+        training = pl_module.training
+        pl_module.eval()
+        raw = statistics.fmean(probe_loss(pl_module, b) for b in self._val)
+        saved = [p.clone() for p in params]
+        torch._foreach_copy_(params, self._ema)
+        ema = statistics.fmean(probe_loss(pl_module, b) for b in self._val)
+        torch._foreach_copy_(params, saved)
+        pl_module.train(training)
+        self.curve.append((trainer.global_step, raw, ema))
+
+
 def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
             regime: str = "adamw_cosine", seed: int = 0, line_search: list[float] | None = None,
-            unguarded: bool = False, drift_span: int | None = None, steps: int | None = None) -> dict:
+            unguarded: bool = False, drift_span: int | None = None, steps: int | None = None,
+            averaged_probe: bool = False) -> dict:
     """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss.
     ``seed`` sets the model's initialization and the data order. ``unguarded``: keep every phase whose probe
     loss does not grow more than 11-fold (the paired probe still measures q). ``steps``: run this many steps instead
-    of the workload's (the schedule compressed to them)."""
+    of the workload's (the schedule compressed to them). ``averaged_probe``: record :class:`AveragedProbe`'s curve."""
     if steps is not None:
         spec = {**spec, "steps": steps}
     cfg = forced_config(spec["steps"], predictor, horizon, min_full, nowcaster, line_search, unguarded, drift_span)
@@ -78,9 +113,11 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     model = regime_model(_load(spec["model"])(**spec["model_args"], lr=spec["lr"], total_steps=0), regime)
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
     cb = HybridPredictiveTraining(cfg, verbose=False)
+    probe = AveragedProbe() if averaged_probe else None
     quiet = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                  enable_model_summary=False)
-    L.Trainer(max_steps=spec["steps"], strategy="hybrid", callbacks=[cb], limit_val_batches=0,
+    L.Trainer(max_steps=spec["steps"], strategy="hybrid", callbacks=[cb] + ([probe] if probe else []),
+              limit_val_batches=0,
               num_sanity_val_steps=0, **quiet).fit(model, data)
     [val] = L.Trainer(limit_val_batches=spec["val_batches"], **quiet).validate(model, data, verbose=False)
     rows = [(r.start_step, r.raw_value) for r in cb.results if r.reason == "probe"]
@@ -98,6 +135,7 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
             "kept": cb.report.kept_phases, "thirds": thirds, "final_val": float(val["val_loss"]),
             "predicted_steps": cb.report.backward_skipped, "steps": n,
             "refused": sum(r.refused for r in cb.results),
+            "probe_curve": probe.curve if probe else None,
             "median_step_length": statistics.median(lengths) if lengths else None}
 
 
@@ -117,6 +155,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="keep every phase unless its probe loss grows 11-fold: the lasting value of phases the "
                         "one-batch probe would roll back")
     p.add_argument("--drift-span", type=int, default=None, help="config dynamics.drift_span (predictor drift)")
+    p.add_argument("--averaged-probe", action="store_true",
+                   help="every 40 steps, the loss of the weights and of their EMA on 4 validation batches; reports "
+                        "mid-run lasting q from them (needs real and null)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -137,11 +178,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 res = {"workload": w, "regime": regime, "predictor": pred, "seed": args.seed,
                        **measure(spec, "real" if pred == "control" else pred, args.horizon, args.min_full,
                                  args.nowcaster, regime, args.seed, args.line_search, args.unguarded,
-                                 args.drift_span, steps)}
+                                 args.drift_span, steps, args.averaged_probe)}
                 out.append(res)
                 print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 
     report(out, args.horizon, args.min_full)
+    report_midrun(out)
     for r in out:
         print(json.dumps(r))
     return out
@@ -187,6 +229,46 @@ def report(out: list[dict], horizon: int, min_full: int) -> None:
               f"{f(t['mid']['median_q'])} | {f(t['late']['median_q'])} | {r['predicted_steps'] / r['steps']:.0%} | "
               f"{r['final_val']:.4f} | "
               f"{f(r['lasting_q'])} | {_line_search_cell(r)} |")
+
+
+def midrun_q(out: list[dict]) -> list[dict]:
+    """Per predicted run, lasting q at every probe step from the weights' and their EMA's loss against the real
+    and null runs' at the same step: (null - run) / (null - real), where null - real > 1% of real."""
+    runs = {(r["workload"], r["regime"], r["predictor"]): r for r in out}
+    rows = []
+    for r in out:
+        real, null = (runs.get((r["workload"], r["regime"], k)) for k in ("real", "null"))
+        if r["predictor"] in ("real", "null", "control") or not r.get("probe_curve") or real is None or null is None:
+            continue
+        for (t, raw, ema), (_, raw0, ema0), (_, raw1, ema1) in zip(r["probe_curve"], real["probe_curve"],
+                                                                   null["probe_curve"], strict=True):
+            q = [(n - x) / (n - o) if n - o > 0.01 * o else None for x, o, n in ((raw, raw0, raw1), (ema, ema0, ema1))]
+            rows.append({"workload": r["workload"], "regime": r["regime"], "predictor": r["predictor"], "step": t,
+                         "q_weights": q[0], "q_ema": q[1]})
+    return rows
+
+
+def report_midrun(out: list[dict]) -> None:
+    rows = midrun_q(out)
+    if not rows:
+        return
+    print("\nMid-run lasting q from the loss on 4 fixed validation batches (every 40 steps), of the weights and "
+          "of their EMA (decay 0.99 per step): median over the probes in each third of training.\n")
+    print("| workload | regime | predictor | weights: early / mid / late | EMA: early / mid / late | final val's |")
+    print("|---|---|---|---|---|---|")
+    finals = {(r["workload"], r["regime"], r["predictor"]): r["lasting_q"] for r in out}
+    for key in dict.fromkeys((r["workload"], r["regime"], r["predictor"]) for r in rows):
+        mine = [r for r in rows if (r["workload"], r["regime"], r["predictor"]) == key]
+        n = max(r["step"] for r in mine)
+        cells = []
+        for field in ("q_weights", "q_ema"):
+            parts = []
+            for lo, hi in ((0, n / 3), (n / 3, 2 * n / 3), (2 * n / 3, n + 1)):
+                qs = [r[field] for r in mine if lo <= r["step"] < hi and r[field] is not None]
+                parts.append(f"{statistics.median(qs):+.2f}" if qs else "n/a")
+            cells.append(" / ".join(parts))
+        last = finals.get(key)
+        print(f"| {' | '.join(key)} | {cells[0]} | {cells[1]} | {'n/a' if last is None else f'{last:+.2f}'} |")
 
 
 def _line_search_cell(r: dict) -> str:

@@ -180,6 +180,20 @@ def test_predictor_value_control_and_unguarded_runs():
         predictor_value.main(["--quick", "--workloads", "mlp", "--predictors", "control"])
 
 
+def test_averaged_probe_leaves_training_alone_and_midrun_q_compares_at_equal_steps():
+    spec = yaml.safe_load((time_to_loss.HERE / "workloads" / "mlp.yaml").read_text())
+    spec.update(spec.pop("quick"))
+    spec["steps"] = 90  # two probes
+    plain, probed = (predictor_value.measure(spec, "null", 4, 8, averaged_probe=on) for on in (False, True))
+    assert plain["probe_curve"] is None and [t for t, _, _ in probed["probe_curve"]] == [40, 80]
+    assert probed["final_val"] == plain["final_val"]  # the probe's forwards and weight swaps change nothing
+    run = lambda p, curve: {"workload": "w", "regime": "r", "predictor": p, "probe_curve": curve}  # noqa: E731
+    out = [run("real", [(40, 1.0, 0.5), (80, 1.0, 0.5)]), run("null", [(40, 2.0, 1.5), (80, 1.0, 0.5)]),
+           run("drift", [(40, 1.25, 1.5), (80, 0.9, 0.4)])]
+    rows = predictor_value.midrun_q(out)
+    assert [(r["step"], r["q_weights"], r["q_ema"]) for r in rows] == [(40, 0.75, 0.0), (80, None, None)]
+
+
 def test_hook_profile_times_the_plugins_hooks_only_where_the_plugin_runs():
     out = hook_profile.main(["--workloads", "mlp", "--steps", "100"])["mlp"]
     assert set(out) == {"plain", "monitor_only", "never_confident"}

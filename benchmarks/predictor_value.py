@@ -240,9 +240,13 @@ def midrun_q(out: list[dict]) -> list[dict]:
         real, null = (runs.get((r["workload"], r["regime"], k)) for k in ("real", "null"))
         if r["predictor"] in ("real", "null", "control") or not r.get("probe_curve") or real is None or null is None:
             continue
-        for (t, raw, ema), (_, raw0, ema0), (_, raw1, ema1) in zip(r["probe_curve"], real["probe_curve"],
-                                                                   null["probe_curve"], strict=True):
-            q = [(n - x) / (n - o) if n - o > 0.01 * o else None for x, o, n in ((raw, raw0, raw1), (ema, ema0, ema1))]
+        at = [{t: (raw, ema) for t, raw, ema in run["probe_curve"]} for run in (real, null)]
+        for t, raw, ema in r["probe_curve"]:
+            if t not in at[0] or t not in at[1]:  # compared at equal steps only
+                continue
+            (raw0, ema0), (raw1, ema1) = at[0][t], at[1][t]
+            q = [(n - x) / (n - o) if n - o > 0.01 * abs(o) else None
+                 for x, o, n in ((raw, raw0, raw1), (ema, ema0, ema1))]
             rows.append({"workload": r["workload"], "regime": r["regime"], "predictor": r["predictor"], "step": t,
                          "q_weights": q[0], "q_ema": q[1]})
     return rows

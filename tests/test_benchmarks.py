@@ -189,7 +189,7 @@ def test_averaged_probe_leaves_training_alone_and_midrun_q_compares_at_equal_ste
     assert probed["final_val"] == plain["final_val"]  # the probe's forwards and weight swaps change nothing
     run = lambda p, curve: {"workload": "w", "regime": "r", "predictor": p, "probe_curve": curve}  # noqa: E731
     out = [run("real", [(40, 1.0, 0.5), (80, 1.0, 0.5)]), run("null", [(40, 2.0, 1.5), (80, 1.0, 0.5)]),
-           run("drift", [(40, 1.25, 1.5), (80, 0.9, 0.4)])]
+           run("drift", [(40, 1.25, 1.5), (80, 0.9, 0.4), (120, 0.1, 0.1)])]  # no 120 elsewhere: not compared
     rows = predictor_value.midrun_q(out)
     assert [(r["step"], r["q_weights"], r["q_ema"]) for r in rows] == [(40, 0.75, 0.0), (80, None, None)]
 

@@ -112,7 +112,10 @@ def test_drift_cancels_oscillation_restarts_and_round_trips():
     traj = Trajectory(params, TrajectoryConfig(stride=1))
     v, w = torch.full((4,), 0.1), torch.tensor([1.0, -1.0, 2.0, 0.0])
     drift = Drift(1, 1, span=10)
-    observe_sequence(drift, params, traj, [v + (-1) ** k * w for k in range(15)])  # even span: w cancels
+    observe_sequence(drift, params, traj, [v + (-1) ** k * w for k in range(9)])
+    assert drift.confidence() == 0.0  # 9 of 10 observations: no phase may extrapolate a partial span
+    observe_sequence(drift, params, traj, [v + (-1) ** k * w for k in range(9, 15)])  # even span: w cancels
+    assert drift.confidence() == 1.0 and drift.history_steps(8) == 80
     torch.testing.assert_close(drift.predict_displacement(traj, 16), 16 * v)
     other = Drift(1, 1, span=10)
     buf = io.BytesIO()
@@ -123,9 +126,33 @@ def test_drift_cancels_oscillation_restarts_and_round_trips():
     other.observe_params(traj)  # the same observation as drift's last
     torch.testing.assert_close(other.predict_displacement(traj, 3), drift.predict_displacement(traj, 3))
     drift.restart()  # a gap (the engine slept): the velocity starts afresh
-    assert drift.predict_displacement(traj, 3) is None
+    assert drift.predict_displacement(traj, 3) is None and drift.confidence() == 0.0
     with pytest.raises(ValueError, match="span"):
         Drift(1, 1, span=0)
+
+
+def test_last_update_is_readable_only_until_its_buffer_is_reused():
+    params = [torch.zeros(3)]
+    traj = Trajectory(params, TrajectoryConfig(stride=2))
+    with pytest.raises(RuntimeError, match="record_real"):
+        _ = traj.last_update
+    with torch.no_grad():
+        params[0].add_(1.0)
+    traj.step_taken()
+    traj.step_taken()
+    traj.record_real()
+    torch.testing.assert_close(traj.last_update, torch.full((3,), 0.5))  # per step, over the 2 steps
+    assert traj.last_update_steps == 2
+    traj.snapshot()
+    traj.swap_snapshot()  # the probe pair: the scratch buffer now holds parameters
+    with pytest.raises(RuntimeError, match="record_real"):
+        _ = traj.last_update
+    traj.swap_snapshot()
+    traj.drop_snapshot()
+    traj.step_taken()
+    traj.record_real()
+    traj.sync()
+    assert traj.last_update_steps == 0
 
 
 def test_engine_applies_a_displacement_in_equal_parts_and_resumes_exactly():

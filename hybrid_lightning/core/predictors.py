@@ -93,11 +93,13 @@ class TailAverage(_ParameterPredictor):
 
 
 class Drift(_ParameterPredictor):
-    """The mean velocity of the *real* steps over a long span (``span`` observations), from the last iterate.
+    """The mean velocity of the *real* steps over the last ``span`` observations, from the last iterate.
 
-    Unlike :class:`ConstantVelocity` (a short EMA of the updates) the span is long enough for the back-and-forth
-    across a valley to cancel, leaving the slow motion along it; and predicted motion never enters the
-    velocity: it is summed from the real updates alone.
+    Unlike :class:`ConstantVelocity` (an EMA of the updates, weighted toward the latest) every observation in
+    the span counts alike, and predicted motion never enters the velocity: it is summed from the real updates
+    alone. Confident (1) only once the span is full, so a phase never extrapolates a few steps' velocity (after
+    waking from dormancy, say). Memory: ``span + 1`` parameter-sized buffers (the running sum at each
+    observation in the span).
     """
 
     def __init__(self, n_layers: int, rank: int, span: int = 10) -> None:
@@ -105,22 +107,31 @@ class Drift(_ParameterPredictor):
         if span < 1:
             raise ValueError(f"span must be >= 1 observation, got {span}")
         self.span = span
-        self._pos: Tensor | None = None  # sum of the real steps' updates since the last restart
-        self._snaps: deque[tuple[int, Tensor]] = deque(maxlen=span + 1)  # (real steps, _pos then)
+        self._snaps: deque[tuple[int, Tensor]] = deque()  # (real steps, sum of the real updates), oldest first
         self._steps = 0
 
     def observe_params(self, trajectory: Trajectory) -> None:
-        stride = trajectory.config.stride
-        if self._pos is None:
-            self._pos = torch.zeros_like(trajectory.last_update)
-            self._snaps.append((0, self._pos.clone()))
-        self._pos.add_(trajectory.last_update, alpha=stride)  # the update is per step, over one stride
-        self._steps += stride
-        self._snaps.append((self._steps, self._pos.clone()))
+        steps = trajectory.last_update_steps
+        update = trajectory.last_update  # per step
+        if not self._snaps:
+            self._snaps.append((0, torch.zeros_like(update)))
+        _, last = self._snaps[-1]
+        # the oldest sum leaves the span: reuse its buffer for the newest
+        buf = self._snaps.popleft()[1] if len(self._snaps) > self.span else torch.empty_like(last)
+        torch.add(last, update, alpha=steps, out=buf)
+        self._steps += steps
+        self._snaps.append((self._steps, buf))
 
     def restart(self) -> None:
-        self._pos, self._steps = None, 0
         self._snaps.clear()
+        self._steps = 0
+
+    def confidence(self) -> float:
+        return 1.0 if len(self._snaps) > self.span else 0.0
+
+    def history_steps(self, stride: int) -> int:
+        """Real steps after a restart before the span is full again."""
+        return self.span * stride
 
     def predict_displacement(self, trajectory: Trajectory, steps: int) -> Tensor | None:
         if len(self._snaps) < 2:
@@ -130,15 +141,13 @@ class Drift(_ParameterPredictor):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd.update(pos=None if self._pos is None else self._pos.clone(), steps=self._steps,
-                  snaps=[(t, s.clone()) for t, s in self._snaps])
+        sd.update(steps=self._steps, snaps=[(t, s.clone()) for t, s in self._snaps])
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
-        self._pos = None if sd["pos"] is None else sd["pos"].clone()
         self._steps = int(sd["steps"])
-        self._snaps = deque(((int(t), s.clone()) for t, s in sd["snaps"]), maxlen=self.span + 1)
+        self._snaps = deque((int(t), s.clone()) for t, s in sd["snaps"])
 
 
 class DMDPredictor(_ParameterPredictor):

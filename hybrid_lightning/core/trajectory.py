@@ -87,6 +87,7 @@ class Trajectory:
         # parameter-sized buffers, allocated by sync() (None: not allocated, or released)
         self._prev: Tensor | None = None  # the parameters at the last sync
         self._scratch: Tensor | None = None
+        self._update_steps = 0  # steps the update in _scratch covers; 0: _scratch holds no readable update
         self._ema: Tensor | None = None  # bias-corrected: the mean real per-step update
         self._ema_weight = 0.0
         self._ema_sq = torch.zeros(self.n_layers, dtype=torch.float64)  # per-layer ||ema||^2
@@ -236,6 +237,7 @@ class Trajectory:
         if steps > 1:
             update.div_(steps)
         self._prev, self._scratch = cur, update  # prev := current parameters (the sync)
+        self._update_steps = steps
         self._since_sync = 0
         (dot0, sq), (param_norm,) = self._layer_dots_many([(update, self._ema), (update, update)],
                                                            (torch.linalg.vector_norm(cur),))
@@ -269,6 +271,7 @@ class Trajectory:
         else:
             self._flatten(out=self._prev)
         self._since_sync = 0
+        self._update_steps = 0
 
     @property
     def tracking(self) -> bool:
@@ -281,6 +284,7 @@ class Trajectory:
         if self._snapshot is not None:
             raise RuntimeError("release() while a snapshot is held: finish or roll back the phase first")
         self._prev = self._scratch = None
+        self._update_steps = 0
 
     @property
     def max_layer_norms(self) -> Tensor:
@@ -317,11 +321,18 @@ class Trajectory:
 
     @property
     def last_update(self) -> Tensor:
-        """The real update read by the last :meth:`record_real`, per step (valid until the next read; do not
-        modify)."""
-        if self._scratch is None:
-            raise RuntimeError("no real update has been read since the last sync")
+        """The real update read by the last :meth:`record_real`, per step, over :attr:`last_update_steps` steps
+        (do not modify). Readable until anything else uses the buffer: a sync, a probe swap, a release."""
+        if not self._update_steps:
+            raise RuntimeError("no real update to read: record_real() first (a sync, swap or release since "
+                               "then reused its buffer)")
+        assert self._scratch is not None
         return self._scratch
+
+    @property
+    def last_update_steps(self) -> int:
+        """Real steps the :attr:`last_update` covers (0: none readable)."""
+        return self._update_steps
 
     @staticmethod
     def is_finite(delta: Sequence[Tensor]) -> bool:
@@ -374,6 +385,7 @@ class Trajectory:
         if self._snapshot is None:
             raise RuntimeError("swap without a snapshot")
         live = self._flatten(out=self._scratch)
+        self._update_steps = 0  # the scratch buffer now holds parameters
         with torch.no_grad():
             torch._foreach_copy_(self.params, self._views(self._snapshot))
         self._snapshot, self._scratch = live, self._snapshot
@@ -413,6 +425,7 @@ class Trajectory:
         to = {"device": self.device, "dtype": self.flat_dtype}
         self._prev = None if sd["prev"] is None else sd["prev"].to(**to).clone()
         self._scratch = None
+        self._update_steps = 0
         self._ema = None if sd["ema"] is None else sd["ema"].to(**to).clone()
         self._ema_weight = float(sd["ema_weight"])
         self._ema_sq = sd["ema_sq"].double().clone()

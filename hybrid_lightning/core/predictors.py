@@ -14,8 +14,9 @@ equal-compute control. Method cards with the measurements are in ``docs/predicto
   spectral radius clamped to 1. Oscillation along a valley wall shows up as a negative or complex
   eigenvalue and cancels out instead of being extrapolated.
 
-All keep the loss model of :class:`ConstantVelocity` for the predicted loss trajectory and
-report a constant confidence of 1: whether to predict is left to the bandit and the guard.
+All keep the loss model of :class:`ConstantVelocity` for the predicted loss trajectory and report
+a confidence of 1 (:class:`Drift`: once its span is full): whether to predict is left to the bandit
+and the guard.
 """
 
 from __future__ import annotations
@@ -108,23 +109,20 @@ class Drift(_ParameterPredictor):
             raise ValueError(f"span must be >= 1 observation, got {span}")
         self.span = span
         self._snaps: deque[tuple[int, Tensor]] = deque()  # (real steps, sum of the real updates), oldest first
-        self._steps = 0
 
     def observe_params(self, trajectory: Trajectory) -> None:
         steps = trajectory.last_update_steps
         update = trajectory.last_update  # per step
         if not self._snaps:
             self._snaps.append((0, torch.zeros_like(update)))
-        _, last = self._snaps[-1]
+        t, last = self._snaps[-1]
         # the oldest sum leaves the span: reuse its buffer for the newest
         buf = self._snaps.popleft()[1] if len(self._snaps) > self.span else torch.empty_like(last)
         torch.add(last, update, alpha=steps, out=buf)
-        self._steps += steps
-        self._snaps.append((self._steps, buf))
+        self._snaps.append((t + steps, buf))
 
     def restart(self) -> None:
         self._snaps.clear()
-        self._steps = 0
 
     def confidence(self) -> float:
         return 1.0 if len(self._snaps) > self.span else 0.0
@@ -141,12 +139,11 @@ class Drift(_ParameterPredictor):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd.update(steps=self._steps, snaps=[(t, s.clone()) for t, s in self._snaps])
+        sd["snaps"] = [(t, s.clone()) for t, s in self._snaps]
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
-        self._steps = int(sd["steps"])
         self._snaps = deque((int(t), s.clone()) for t, s in sd["snaps"])
 
 

@@ -18,6 +18,10 @@ Output is about value, not time: no timing claims. Last lines: one JSON object p
 ``--unguarded`` keeps phases the paired probe would roll back, to measure their lasting value: a
 predictor whose probe q is negative can still leave a lasting gain (``drift``, docs/predictors.md).
 
+``--fork-judge R ...`` follows each kept phase for R real steps and compares it with a counterfactual trained
+from the weights before the phase on the same batches at the same learning rates (:class:`ForkJudge`): how long
+until a phase's value shows, which a probe right after it cannot see.
+
 ``--regimes`` (issue 7, item 5) changes the training setup (``benchmarks/regimes.py``): ``adamw_cosine``
 is the workload as tuned (AdamW, warmup + cosine); ``constant_lr`` keeps the LR flat after warmup;
 ``low_lr`` is a fine-tuning-like setup (a tenth of the tuned LR, flat); ``large_batch`` uses 4x the
@@ -32,6 +36,7 @@ import statistics
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 import yaml
 from lightning.pytorch.callbacks import Callback
 
@@ -40,6 +45,7 @@ from benchmarks.regimes import REGIMES, regime_model, regime_spec
 from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 from hybrid_lightning.config import PREDICTORS
+from hybrid_lightning.core.phases import Phase
 
 
 def forced_config(steps: int, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
@@ -97,14 +103,156 @@ class AveragedProbe(Callback):
         self.curve.append((trainer.global_step, raw, ema))
 
 
+def _train_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch  # the workloads' training loss (as probe_loss), as a tensor to differentiate
+    out = module(x)
+    if y.is_floating_point():
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out.reshape(-1, out.size(-1)), y.reshape(-1))
+
+
+class ForkJudge(Callback):
+    """After a kept Predict phase, the loss on ``batches`` fixed validation batches of the weights ``r`` real steps
+    later (r in ``at``), against a counterfactual: the weights from before the phase, optimizer state as it was,
+    trained on the very same ``r`` batches at the very same learning rates. Paired this way the only difference is
+    the phase, so its value shows after ``r`` steps of re-equilibration that a probe right at the phase's end
+    (r = 0) cannot see. With r beyond the next phase, the window holds the later phases too: the predicting
+    schedule against plain training on the same real batches. The next window opens at the next kept phase.
+    Runs after :class:`HybridPredictiveTraining` in the callback list; training is left bit-identical (the
+    counterfactual's weights, buffers, optimizer state and learning rates are put back)."""
+
+    def __init__(self, hybrid: HybridPredictiveTraining, at: tuple[int, ...] = (0, 4, 8, 16, 24),
+                 batches: int = 4) -> None:
+        self.hybrid, self.at, self.batches = hybrid, at, batches
+        # per judged phase: start step, {r: predicted steps so far}, {r: (loss, counterfactual's)}
+        self.rows: list[dict] = []
+        self._val: list = []
+        self._before: dict | None = None  # weights + buffers before the phase that is running
+        self._open: dict | None = None  # a kept phase being followed
+
+    def _state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def _loss(self, module: torch.nn.Module, weights: list[torch.Tensor] | None = None) -> float:
+        """The fixed batches' loss of the module, or of ``weights`` put in its parameters for the measurement."""
+        params = [p.detach() for p in module.parameters()]
+        if weights is not None:
+            saved = [p.clone() for p in params]
+            torch._foreach_copy_(params, weights)
+        training = module.training
+        module.eval()
+        with torch.random.fork_rng():
+            value = statistics.fmean(probe_loss(module, b) for b in self._val)
+        module.train(training)
+        if weights is not None:
+            torch._foreach_copy_(params, saved)
+        return value
+
+    @staticmethod
+    def _add(total: list[torch.Tensor] | None, module: torch.nn.Module) -> list[torch.Tensor]:
+        params = [p.detach() for p in module.parameters()]
+        if total is None:
+            return [p.clone() for p in params]
+        torch._foreach_add_(total, params)
+        return total
+
+    def _mean_loss(self, module: torch.nn.Module, total: list[torch.Tensor], n: int) -> float:
+        return self._loss(module, torch._foreach_div(total, n))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        plan = getattr(trainer.strategy, "hybrid_plan", None)
+        if self._open is not None and plan is not None and plan.runs_backward:
+            self._open["steps"].append((batch, [g["lr"] for g in trainer.optimizers[0].param_groups]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        report = self.hybrid.last_report
+        if report is None:
+            return
+        if not self._val:
+            with torch.random.fork_rng():  # an iterator may draw a seed: keep training's random stream
+                self._val = [b for _, b in zip(range(self.batches), trainer.datamodule.val_dataloader())]
+        if self._open is not None and not report.phase.runs_backward:
+            self._open["predicted"] += 1  # a later phase inside the window: the counterfactual has none
+        if self._open is not None and report.phase.runs_backward:
+            n = len(self._open["steps"])
+            self._open["sum"] = self._add(self._open["sum"], pl_module)
+            if n in self.at:
+                self._open["predicted_at"][n] = self._open["predicted"]
+                self._open["phase"][n] = self._loss(pl_module)
+                self._open["phase_avg"][n] = self._mean_loss(pl_module, self._open["sum"], n)
+            if n == max(self.at):
+                self._counterfactual(trainer, pl_module)
+        result = report.phase_result
+        if result is not None and self._before is not None:
+            if result.kept and self._open is None:
+                opt = trainer.optimizers[0]
+                self._open = {"start": result.start_step, "predicted": result.steps, "predicted_at": {0: result.steps},
+                              "before": self._before, "steps": [], "phase": {0: self._loss(pl_module)},
+                              "phase_avg": {}, "sum": None,
+                              "opt": {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                                      for p, st in opt.state.items()}}
+            self._before = None
+        if report.phase.runs_backward and report.next_phase is Phase.PREDICT:
+            self._before = self._state(pl_module)
+
+    def _counterfactual(self, trainer, pl_module) -> None:
+        o, self._open = self._open, None
+        opt = trainer.optimizers[0]
+        now = self._state(pl_module)
+        opt_now = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()}
+        lrs = [g["lr"] for g in opt.param_groups]
+        live = pl_module.state_dict()
+        with torch.no_grad():
+            for k, v in o["before"].items():
+                live[k].copy_(v)
+        _put_opt_state(opt, o["opt"])
+        cf, cf_avg, total = {0: self._loss(pl_module)}, {}, None
+        with torch.random.fork_rng():
+            for i, (b, step_lrs) in enumerate(o["steps"], 1):
+                for g, lr in zip(opt.param_groups, step_lrs):
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                _train_loss(pl_module, b).backward()
+                opt.step()
+                total = self._add(total, pl_module)
+                if i in self.at:
+                    cf[i] = self._loss(pl_module)
+                    cf_avg[i] = self._mean_loss(pl_module, total, i)
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in now.items():
+                live[k].copy_(v)
+        _put_opt_state(opt, opt_now)
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        self.rows.append({"start": o["start"], "predicted": o["predicted_at"],
+                          "loss": {r: (o["phase"][r], cf[r]) for r in self.at},
+                          # the mean of the weights over the r real steps after the phase: the back-and-forth
+                          # across the valley that the final anneal removes, averaged out
+                          "avg": {r: (o["phase_avg"][r], cf_avg[r]) for r in self.at if r}})
+
+
+def _put_opt_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Write a saved optimizer state back into the live tensors (in place: nothing else's references break)."""
+    for p, st in saved.items():
+        live = opt.state[p]
+        for k, v in st.items():
+            if torch.is_tensor(v) and torch.is_tensor(live.get(k)):
+                live[k].copy_(v)
+            else:
+                live[k] = v.clone() if torch.is_tensor(v) else v
+
+
 def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: str = "",
             regime: str = "adamw_cosine", seed: int = 0, line_search: list[float] | None = None,
             unguarded: bool = False, drift_span: int | None = None, steps: int | None = None,
-            averaged_probe: bool = False) -> dict:
+            averaged_probe: bool = False, fork_judge: tuple[int, ...] = ()) -> dict:
     """One forced run (``predictor="real"``: no prediction at all) -> q per phase and the final val loss.
     ``seed`` sets the model's initialization and the data order. ``unguarded``: keep every phase whose probe
     loss does not grow more than 11-fold (the paired probe still measures q). ``steps``: run this many steps instead
-    of the workload's (the schedule compressed to them). ``averaged_probe``: record :class:`AveragedProbe`'s curve."""
+    of the workload's (the schedule compressed to them). ``averaged_probe``: record :class:`AveragedProbe`'s curve.
+    ``fork_judge``: record :class:`ForkJudge`'s rows at these numbers of real steps after each kept phase."""
     if steps is not None:
         spec = {**spec, "steps": steps}
     cfg = forced_config(spec["steps"], predictor, horizon, min_full, nowcaster, line_search, unguarded, drift_span)
@@ -114,9 +262,10 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
     cb = HybridPredictiveTraining(cfg, verbose=False)
     probe = AveragedProbe() if averaged_probe else None
+    judge = ForkJudge(cb, tuple(sorted({0, *fork_judge}))) if fork_judge and predictor != "real" else None
     quiet = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                  enable_model_summary=False)
-    L.Trainer(max_steps=spec["steps"], strategy="hybrid", callbacks=[cb] + ([probe] if probe else []),
+    L.Trainer(max_steps=spec["steps"], strategy="hybrid", callbacks=[cb] + [c for c in (probe, judge) if c],
               limit_val_batches=0,
               num_sanity_val_steps=0, **quiet).fit(model, data)
     [val] = L.Trainer(limit_val_batches=spec["val_batches"], **quiet).validate(model, data, verbose=False)
@@ -136,6 +285,7 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
             "predicted_steps": cb.report.backward_skipped, "steps": n,
             "refused": sum(r.refused for r in cb.results),
             "probe_curve": probe.curve if probe else None,
+            "fork_judge": judge.rows if judge else None,
             "median_step_length": statistics.median(lengths) if lengths else None}
 
 
@@ -158,8 +308,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--averaged-probe", action="store_true",
                    help="every 40 steps, the loss of the weights and of their EMA on 4 validation batches; reports "
                         "mid-run lasting q from them (needs real and null)")
+    p.add_argument("--fork-judge", type=int, nargs="*", default=None, metavar="R",
+                   help="after a kept phase, its value R real steps later (default 4 8 16 24) against the same steps "
+                        "from the weights before it (ForkJudge; R > --min-full: the later phases count too); costs "
+                        "max(R) extra real steps per judged window")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = p.parse_args(argv)
+    fork = () if args.fork_judge is None else tuple(args.fork_judge or (4, 8, 16, 24))
     torch.set_num_threads(1)
     out = []
     for w in args.workloads:
@@ -178,12 +333,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 res = {"workload": w, "regime": regime, "predictor": pred, "seed": args.seed,
                        **measure(spec, "real" if pred == "control" else pred, args.horizon, args.min_full,
                                  args.nowcaster, regime, args.seed, args.line_search, args.unguarded,
-                                 args.drift_span, steps, args.averaged_probe)}
+                                 args.drift_span, steps, args.averaged_probe,
+                                 fork)}
                 out.append(res)
                 print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 
     report(out, args.horizon, args.min_full)
     report_midrun(out)
+    report_fork_judge(out)
     for r in out:
         print(json.dumps(r))
     return out
@@ -273,6 +430,49 @@ def report_midrun(out: list[dict]) -> None:
             cells.append(" / ".join(parts))
         last = finals.get(key)
         print(f"| {' | '.join(key)} | {cells[0]} | {cells[1]} | {'n/a' if last is None else f'{last:+.2f}'} |")
+
+
+def fork_judge_q(rows: list[dict], r: int, field: str = "loss") -> float | None:
+    """The judged phases' value r real steps after them, in real steps per predicted step: the loss the phase saved
+    (counterfactual - phase) over what its predicted steps would have saved at the counterfactual's own rate of
+    progress per real step over those r steps. Summed over phases before dividing: single phases are noisy."""
+    if not r or not rows:
+        return None
+    saved = sum(x[field][r][1] - x[field][r][0] for x in rows)
+    worth = sum(x["predicted"][r] * (x["loss"][0][1] - x["loss"][r][1]) / r for x in rows)
+    return saved / worth if worth > 0 else None
+
+
+def report_fork_judge(out: list[dict]) -> None:
+    runs = [r for r in out if r.get("fork_judge") and r["predictor"] != "null"]  # null's are 0 by construction
+    if not runs:
+        return
+    at = sorted(int(k) for k in runs[0]["fork_judge"][0]["avg"])
+    print("\nForkJudge: after each kept phase, the loss on 4 fixed validation batches r real steps later against the "
+          "same r steps (batches, learning rates) from the weights before the phase: of the weights, and of their "
+          "mean over the r steps. q: loss saved over what the predicted steps would have been worth at the "
+          "counterfactual weights' progress per real step over those r steps, summed over the phases in each third "
+          "of training; saved: the share of phases whose loss is lower than the counterfactual's.\n")
+    print("| workload | regime | predictor | phases | r | weights: q early / mid / late | saved | "
+          "mean over r: q early / mid / late | saved | final val's lasting q |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def cells(values: list, fmt: str) -> str:
+        return " / ".join("n/a" if v is None else format(v, fmt) for v in values)
+
+    for run in runs:
+        rows, n = run["fork_judge"], run["steps"]
+        thirds = [[x for x in rows if lo <= x["start"] < hi] for lo, hi in ((0, n / 3), (n / 3, 2 * n / 3),
+                                                                            (2 * n / 3, n))]
+        last = run.get("lasting_q")
+        for r in at:
+            parts = []
+            for field in ("loss", "avg"):
+                parts.append(cells([fork_judge_q(t, r, field) for t in thirds], "+.2f"))
+                parts.append(cells([sum(x[field][r][1] > x[field][r][0] for x in t) / len(t) if t else None
+                                    for t in thirds], ".0%"))
+            print(f"| {run['workload']} | {run['regime']} | {run['predictor']} | {len(rows)} | {r} | "
+                  f"{' | '.join(parts)} | {'n/a' if last is None else f'{last:+.2f}'} |")
 
 
 def _line_search_cell(r: dict) -> str:

@@ -194,6 +194,33 @@ def test_averaged_probe_leaves_training_alone_and_midrun_q_compares_at_equal_ste
     assert [(r["step"], r["q_weights"], r["q_ema"]) for r in rows] == [(40, 0.75, 0.0), (80, None, None)]
 
 
+def test_fork_judge_leaves_training_alone_and_its_counterfactual_differs_only_by_the_phases():
+    spec = yaml.safe_load((time_to_loss.HERE / "workloads" / "mlp.yaml").read_text())
+    spec.update(spec.pop("quick"))
+    spec["steps"] = 90
+    runs = {(pred, on): predictor_value.measure(spec, pred, 4, 8, unguarded=True, drift_span=2,
+                                                fork_judge=(4, 12) if on else ())
+            for pred in ("null", "drift") for on in (False, True)}
+    for pred in ("null", "drift"):
+        assert runs[pred, False]["fork_judge"] is None
+        # the counterfactual's training, weight swaps and probe forwards change nothing in the run itself
+        assert runs[pred, True]["final_val"] == runs[pred, False]["final_val"]
+        rows = runs[pred, True]["fork_judge"]
+        assert rows and all(set(x["loss"]) == {0, 4, 12} and set(x["avg"]) == {4, 12} for x in rows)
+        # r = 12 > min_full: the window holds the next phase too, which the counterfactual does not have
+        assert all(x["predicted"] == {0: 4, 4: 4, 12: 8} for x in rows)
+    # null phases change nothing: the counterfactual is the same weights trained on the same batches at the same LRs
+    assert all(p == c for x in runs["null", True]["fork_judge"] for p, c in x["loss"].values())
+    assert any(p != c for x in runs["drift", True]["fork_judge"] for p, c in x["loss"].values())
+
+
+def test_fork_judge_q_weighs_the_loss_saved_against_the_counterfactuals_progress_per_real_step():
+    row = lambda saved: {"predicted": {0: 4, 2: 8}, "loss": {0: (1.5, 1.0), 2: (0.8 - saved, 0.8)}}  # noqa: E731
+    # the counterfactual gained 0.1 per real step; 8 predicted steps worth as much would save 0.8
+    assert predictor_value.fork_judge_q([row(0.4), row(0.0)], 2) == pytest.approx(0.25)
+    assert predictor_value.fork_judge_q([row(0.4)], 0) is None and predictor_value.fork_judge_q([], 2) is None
+
+
 def test_hook_profile_times_the_plugins_hooks_only_where_the_plugin_runs():
     out = hook_profile.main(["--workloads", "mlp", "--steps", "100"])["mlp"]
     assert set(out) == {"plain", "monitor_only", "never_confident"}

@@ -119,7 +119,9 @@ class ForkJudge(Callback):
     (r = 0) cannot see. With r beyond the next phase, the window holds the later phases too: the predicting
     schedule against plain training on the same real batches. The next window opens at the next kept phase.
     Runs after :class:`HybridPredictiveTraining` in the callback list; training is left bit-identical (the
-    counterfactual's weights, buffers, optimizer state and learning rates are put back)."""
+    weights, ``state_dict`` buffers, optimizer state and learning rates are put back). The replay calls the
+    module and the optimizer directly: no gradient clipping, precision plugin or accumulation, which the
+    workloads do not use. A window still open when training ends is dropped."""
 
     def __init__(self, hybrid: HybridPredictiveTraining, at: tuple[int, ...] = (0, 4, 8, 16, 24),
                  batches: int = 4) -> None:

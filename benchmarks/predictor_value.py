@@ -71,6 +71,28 @@ def forced_config(steps: int, predictor: str, horizon: int, min_full: int, nowca
     return cfg.validate()
 
 
+@torch.no_grad()
+def fixed_loss(module: torch.nn.Module, batches: list, weights: list[torch.Tensor] | None = None) -> float:
+    """Mean loss of ``batches`` in eval mode, of the module's weights or of ``weights`` put in for the measurement;
+    the module is left as it was."""
+    params = [p.detach() for p in module.parameters()]
+    if weights is not None:
+        saved = [p.clone() for p in params]
+        torch._foreach_copy_(params, weights)
+    training = module.training
+    module.eval()
+    with torch.random.fork_rng():
+        value = statistics.fmean(probe_loss(module, b) for b in batches)
+    module.train(training)
+    if weights is not None:
+        torch._foreach_copy_(params, saved)
+    return value
+
+
+def _opt_state(opt: torch.optim.Optimizer) -> dict:
+    return {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()}
+
+
 class AveragedProbe(Callback):
     """Every ``every`` steps, the loss of the weights and of their EMA (``decay`` per step, predicted steps included)
     on the same ``batches`` validation batches. The EMA removes the back-and-forth across the valley that the
@@ -92,14 +114,7 @@ class AveragedProbe(Callback):
         torch._foreach_lerp_(self._ema, params, 1 - self.decay)
         if trainer.global_step % self.every:
             return
-        training = pl_module.training
-        pl_module.eval()
-        raw = statistics.fmean(probe_loss(pl_module, b) for b in self._val)
-        saved = [p.clone() for p in params]
-        torch._foreach_copy_(params, self._ema)
-        ema = statistics.fmean(probe_loss(pl_module, b) for b in self._val)
-        torch._foreach_copy_(params, saved)
-        pl_module.train(training)
+        raw, ema = fixed_loss(pl_module, self._val), fixed_loss(pl_module, self._val, self._ema)
         self.curve.append((trainer.global_step, raw, ema))
 
 
@@ -135,21 +150,8 @@ class ForkJudge(Callback):
     def _state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-    @torch.no_grad()
     def _loss(self, module: torch.nn.Module, weights: list[torch.Tensor] | None = None) -> float:
-        """The fixed batches' loss of the module, or of ``weights`` put in its parameters for the measurement."""
-        params = [p.detach() for p in module.parameters()]
-        if weights is not None:
-            saved = [p.clone() for p in params]
-            torch._foreach_copy_(params, weights)
-        training = module.training
-        module.eval()
-        with torch.random.fork_rng():
-            value = statistics.fmean(probe_loss(module, b) for b in self._val)
-        module.train(training)
-        if weights is not None:
-            torch._foreach_copy_(params, saved)
-        return value
+        return fixed_loss(module, self._val, weights)
 
     @staticmethod
     def _add(total: list[torch.Tensor] | None, module: torch.nn.Module) -> list[torch.Tensor]:
@@ -188,12 +190,10 @@ class ForkJudge(Callback):
         result = report.phase_result
         if result is not None and self._before is not None:
             if result.kept and self._open is None:
-                opt = trainer.optimizers[0]
                 self._open = {"start": result.start_step, "predicted": result.steps, "predicted_at": {0: result.steps},
                               "before": self._before, "steps": [], "phase": {0: self._loss(pl_module)},
                               "phase_avg": {}, "sum": None,
-                              "opt": {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
-                                      for p, st in opt.state.items()}}
+                              "opt": _opt_state(trainer.optimizers[0])}
             self._before = None
         if report.phase.runs_backward and report.next_phase is Phase.PREDICT:
             self._before = self._state(pl_module)
@@ -202,7 +202,7 @@ class ForkJudge(Callback):
         o, self._open = self._open, None
         opt = trainer.optimizers[0]
         now = self._state(pl_module)
-        opt_now = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()}
+        opt_now = _opt_state(opt)
         lrs = [g["lr"] for g in opt.param_groups]
         live = pl_module.state_dict()
         with torch.no_grad():
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 res = {"workload": w, "regime": regime, "predictor": pred, "seed": args.seed,
                        **measure(spec, "real" if pred == "control" else pred, args.horizon, args.min_full,
                                  args.nowcaster, regime, args.seed, args.line_search, args.unguarded,
-                                 args.drift_span, steps, args.averaged_probe,
-                                 fork)}
+                                 args.drift_span, steps, args.averaged_probe, fork)}
                 out.append(res)
                 print(f"[{w} {regime}] {pred}: median q {res['median_q']}, q>0 in {res['positive']}", flush=True)
 

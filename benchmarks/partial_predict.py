@@ -203,13 +203,18 @@ class ScaledPrefixStep(Callback):
         self._before = []
 
 
-def probe_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+def train_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The workloads' training loss: cross-entropy for class targets, MSE for real-valued ones."""
     x, y = batch
     out = module(x)
     if y.is_floating_point():
-        return F.mse_loss(out, y).item()
-    return F.cross_entropy(out.reshape(-1, out.size(-1)), y.reshape(-1)).item()
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out.reshape(-1, out.size(-1)), y.reshape(-1))
+
+
+def probe_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """:func:`train_loss` as a number."""
+    return train_loss(module, batch).item()
 
 
 def run_variant(spec: dict, name: str, variant: str, seed: int,

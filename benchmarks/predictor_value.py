@@ -36,11 +36,10 @@ import statistics
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.partial_predict import probe_loss
+from benchmarks.partial_predict import probe_loss, train_loss
 from benchmarks.regimes import REGIMES, regime_model, regime_spec
 from benchmarks.time_to_loss import HERE, WORKLOADS, _load
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
@@ -116,14 +115,6 @@ class AveragedProbe(Callback):
             return
         raw, ema = fixed_loss(pl_module, self._val), fixed_loss(pl_module, self._val, self._ema)
         self.curve.append((trainer.global_step, raw, ema))
-
-
-def _train_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch  # the workloads' training loss (as probe_loss), as a tensor to differentiate
-    out = module(x)
-    if y.is_floating_point():
-        return F.mse_loss(out, y)
-    return F.cross_entropy(out.reshape(-1, out.size(-1)), y.reshape(-1))
 
 
 class ForkJudge(Callback):
@@ -215,7 +206,7 @@ class ForkJudge(Callback):
                 for g, lr in zip(opt.param_groups, step_lrs):
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                _train_loss(pl_module, b).backward()
+                train_loss(pl_module, b).backward()
                 opt.step()
                 total = self._add(total, pl_module)
                 if i in self.at:

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.layer_lr import WARMUP, ScaledPrefixStep, prefix_params, windowed
 from benchmarks.time_to_loss import HERE, Point, Run, load_spec, machine, time_to, train
 
 PREFIX = {  # the first layers of each workload's model, by parameter-name prefix
@@ -67,16 +68,7 @@ PREFIX = {  # the first layers of each workload's model, by parameter-name prefi
 }
 VARIANTS = ("baseline", "control_0.8", "control_0.7", "windows_null", "windows_mean_velocity", "late_null")
 # the _guarded and _adaptive variants are not in the default set: they came after the default set's runs
-FULL, PARTIAL, WARMUP, SNAP_EVERY, SNAPS = 24, 16, 0.1, 4, 7
-
-
-def prefix_params(module: torch.nn.Module, prefix: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if n.startswith(prefix)]
-
-
-def windowed(t: int, total: int, between: tuple[float, float]) -> bool:
-    """Step ``t`` lies after warmup and within the ``between`` fractions of the run."""
-    return t >= int(WARMUP * total) and between[0] * total <= t < between[1] * total
+FULL, PARTIAL, SNAP_EVERY, SNAPS = 24, 16, 4, 7
 
 
 class PartialPredict(Callback):
@@ -178,29 +170,6 @@ class PartialPredict(Callback):
         else:
             self.rolled_back += 1
         module.train(training)
-
-
-class ScaledPrefixStep(Callback):
-    """Scales the prefix's optimizer step by ``scale`` (its LR, for AdamW) on steps inside the range."""
-
-    def __init__(self, prefix: tuple[str, ...], scale: float, between: tuple[float, float] = (0.0, 1.0)) -> None:
-        self.prefix, self.scale, self.between = prefix, scale, between
-        self.scaled_steps = 0
-        self._before: list[torch.Tensor] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        inside = windowed(trainer.global_step, trainer.max_steps, self.between)
-        self._before = [p.detach().clone() for p in prefix_params(pl_module, self.prefix)] if inside else []
-
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self._before:
-            return
-        # AdamW's step (weight decay included) is linear in the LR, so scaling the step scales the LR
-        for p, b in zip(prefix_params(pl_module, self.prefix), self._before):
-            p.copy_(torch.lerp(b, p, self.scale))
-        self.scaled_steps += 1
-        self._before = []
 
 
 def train_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

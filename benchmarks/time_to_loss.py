@@ -5,6 +5,9 @@
     python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
     python -m benchmarks.time_to_loss --regime low_lr      # another training regime (benchmarks/regimes.py)
     python -m benchmarks.time_to_loss --regime wsd --predict-until 0.8  # predict in the WSD's stable phase only
+    python -m benchmarks.time_to_loss --workloads mlp --layer-lr net.0. net.2. net.4. --layer-lr-factor 2
+        # every run (baseline, hybrids, controls) steps the MLP's hidden layers at twice the LR
+        # in the run's second half (--layer-lr-between 0.5 1, the default)
 
 Per workload (``benchmarks/workloads/<name>.yaml``), every repeat runs, back to back and in the same
 process: the plain baseline (same model, data order, seed, optimizer, tuned LR), each hybrid variant,
@@ -37,6 +40,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.layer_lr import ScaledPrefixStep
 from benchmarks.regimes import REGIMES, regime_model, regime_spec
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 
@@ -211,27 +215,36 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
     variants = {k: dict(v or {}) for k, v in spec["hybrids"].items()}
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants}
+    def layer_lr(_: HybridPredictiveTraining | None) -> list[Callback]:
+        # the baseline with some layers' LR tuned too: every run of the comparison gets the same scaling
+        return [ScaledPrefixStep(tuple(args.layer_lr), args.layer_lr_factor, tuple(args.layer_lr_between))]
+
+    scaled = layer_lr if args.layer_lr else None
     runs: list[Run] = []
     for rep in range(args.repeats):  # interleaved: baseline, hybrids, controls, then again
-        runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator, seed=args.seed))
+        runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator, seed=args.seed, extra_callbacks=scaled))
         _say(name, runs[-1])
         for var, overrides in variants.items():
             # a variant may train longer than the baseline (``steps_factor``): with a flat LR, predicted steps
             # worth less than real ones can still reach the baseline's loss sooner if there are more of them
             hybrid = {k: v for k, v in overrides.items() if k != "steps_factor"}
             steps = round(N * overrides.get("steps_factor", 1.0))
-            until = (lambda cb: [PredictUntil(cb, args.predict_until)]) if args.predict_until else None
+            def extras(cb: HybridPredictiveTraining | None) -> list[Callback]:
+                until = [PredictUntil(cb, args.predict_until)] if args.predict_until else []
+                return (scaled(cb) if scaled else []) + until
+
             h = train(spec, f"hybrid:{var}", steps, lr, rep, hybrid, args.accelerator, seed=args.seed,
-                      extra_callbacks=until)
+                      extra_callbacks=extras)
             runs.append(h)
             _say(name, h)
             if h.backward_passes < h.steps:  # it predicted: plain training for as many real steps
-                c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator, seed=args.seed)
+                c = train(spec, f"control:{var}", h.backward_passes, lr, rep, None, args.accelerator, seed=args.seed,
+                          extra_callbacks=scaled)
                 runs.append(c)
                 _say(name, c)
     # the noise floor of "final val loss": the same baseline with other initializations and data orders
     for seed in [s for s in range(args.seeds + 1) if s != args.seed][:max(args.seeds - 1, 0)]:
-        runs.append(train(spec, f"seed:{seed}", N, lr, 0, None, args.accelerator, seed=seed))
+        runs.append(train(spec, f"seed:{seed}", N, lr, 0, None, args.accelerator, seed=seed, extra_callbacks=scaled))
         _say(name, runs[-1])
     return summarize(name, spec, lr, sweep, runs, variants, args)
 
@@ -256,6 +269,8 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
     seed_vals = [base[0].final_val] + [r.final_val for r in runs if r.kind.startswith("seed:")]
     out: dict[str, Any] = {"workload": name, "regime": spec.get("_regime", "adamw_cosine"), "target_val": target,
                            "lr": lr, "steps": spec["steps"],
+                           "layer_lr": ({"prefix": args.layer_lr, "factor": args.layer_lr_factor,
+                                         "between": args.layer_lr_between} if args.layer_lr else None),
                            "seed_final_vals": seed_vals,
                            "seed_spread": (max(seed_vals) - min(seed_vals)) if len(seed_vals) > 1 else None,
                            "baseline_seconds": statistics.median(r.train_seconds for r in base),
@@ -373,6 +388,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--predict-until", type=float, default=None, metavar="FRACTION",
                    help="research: hybrid runs start no Predict phase that would end after this fraction of "
                         "their steps (0.8 with --regime wsd: the stable phase only)")
+    p.add_argument("--layer-lr", nargs="+", metavar="PREFIX", default=None,
+                   help="parameters whose names start with these get --layer-lr-factor times the LR in every run")
+    p.add_argument("--layer-lr-factor", type=float, default=2.0)
+    p.add_argument("--layer-lr-between", nargs=2, type=float, default=[0.5, 1.0], metavar=("FROM", "UNTIL"),
+                   help="where --layer-lr applies, as fractions of each run's steps (never during warmup)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])

@@ -18,6 +18,7 @@ from benchmarks import (
     partial_predict,
     predictor_value,
     regimes,
+    seed_target,
     step_attribution,
     step_cost,
     time_to_loss,
@@ -54,6 +55,54 @@ def test_time_to_loss_trains_every_run_in_the_chosen_regime(tmp_path):
     assert res["regime"] == "sgd" and res["lr"] == spec["sgd_lr"]
     with pytest.raises(SystemExit):
         time_to_loss.main(["--quick", "--tune", "--regime", "low_lr", "--out", str(tmp_path)])
+
+
+def test_time_to_loss_layer_lr_scales_every_run_and_only_real_steps(tmp_path, monkeypatch):
+    made = []
+
+    class Recording(time_to_loss.ScaledPrefixStep):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(time_to_loss, "ScaledPrefixStep", Recording)
+    [res] = time_to_loss.main(["--quick", "--repeats", "1", "--seeds", "2", "--workloads", "mlp", "--variants",
+                               "tail_average_every24", "--layer-lr", "net.0.", "--layer-lr-factor", "0",
+                               "--layer-lr-between", "0", "1", "--out", str(tmp_path)])
+    assert res["layer_lr"] == {"prefix": ["net.0."], "factor": 0.0, "between": [0.0, 1.0]}
+    runs = res["runs"]
+    assert [r["kind"] for r in runs] == ["baseline", "hybrid:tail_average_every24", "control:tail_average_every24",
+                                         "seed:1"]
+    assert len(made) == len(runs)  # baseline, hybrid, control and seed runs all get the scaled layer
+    assert runs[1]["backward_passes"] < runs[1]["steps"]  # the hybrid predicted some steps
+    for r, cb in zip(runs, made):  # every real step after warmup is scaled; predicted steps are not
+        assert cb.scaled_steps == r["backward_passes"] - int(0.1 * r["steps"])
+
+
+def _ttl_dir(path, base_vals, hyb_vals, ctl_vals=None):
+    """A time_to_loss output directory with one workload: curves at 10 s per evaluation, vals as given."""
+    def run(kind, vals):
+        return {"kind": kind, "train_seconds": 10.0 * len(vals),
+                "curve": [{"step": i, "seconds": 10.0 * i, "backward": i, "val": v} for i, v in enumerate(vals, 1)]}
+    runs = [run("baseline", base_vals), run("hybrid:v", hyb_vals)] + ([run("control:v", ctl_vals)] if ctl_vals else [])
+    path.mkdir()
+    (path / "mlp.json").write_text(json.dumps({"final_val_baseline": base_vals[-1], "runs": runs,
+                                               "variants": {"v": {"final_val_hybrid": hyb_vals[-1]}}}))
+    return path
+
+
+def test_seed_target_measures_every_seed_against_the_median_of_their_baselines(tmp_path):
+    dirs = [_ttl_dir(tmp_path / "s0", [4, 3, 2], [3, 2, 1], [4, 3, 2.5]),  # targets 2, 3, 1.5: shared is 2
+            _ttl_dir(tmp_path / "s1", [4, 3.5, 3], [4, 2, 2]),  # its baseline never gets to 2
+            _ttl_dir(tmp_path / "s2", [2, 1.5, 1.5], [3, 2.5, 2.5])]  # its hybrid never does
+    [row] = seed_target.main([str(d) for d in dirs])
+    assert row["target"] == 2 and row["variant"] == "v"
+    s0, s1, s2 = row["seeds"]
+    assert (s0["baseline_time_to_target"], s0["hybrid_time_to_target"]) == (30.0, 20.0)
+    assert s0["vs_baseline"] == "1.50x" and s0["control_vs_baseline"] == "not reached"
+    assert s1["vs_baseline"] == "≥ 1.50x (baseline not reached)"  # its 30 s of training over the hybrid's 20
+    assert s1["control_vs_baseline"] == "not reached"  # no control run: the control is the baseline
+    assert s2["vs_baseline"] == "not reached" and s2["control_vs_baseline"] == "1.00x"
 
 
 def test_time_to_interpolates_and_reports_not_reached():

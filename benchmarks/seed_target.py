@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.time_to_loss import Point, _median, time_to
+from benchmarks.time_to_loss import WORKLOADS, Point, _median, time_to
 
 
 def _curves(data: dict, kind: str) -> list[list[Point]]:
@@ -39,7 +39,7 @@ def _cell(base: float | None, base_total: float, other: float | None) -> str:
 def compare(dirs: list[Path]) -> list[dict]:
     """Per workload and variant: the shared target and, per seed directory, the ratios to it."""
     rows = []
-    names = sorted(p.stem for p in dirs[0].glob("*.json"))
+    names = [w for w in WORKLOADS if (dirs[0] / f"{w}.json").exists()]  # the plugin writes its own reports there too
     for name in names:
         per_seed = [json.loads((d / f"{name}.json").read_text()) for d in dirs]
         target = statistics.median(s["final_val_baseline"] for s in per_seed)

@@ -86,6 +86,7 @@ def _ttl_dir(path, base_vals, hyb_vals, ctl_vals=None):
                 "curve": [{"step": i, "seconds": 10.0 * i, "backward": i, "val": v} for i, v in enumerate(vals, 1)]}
     runs = [run("baseline", base_vals), run("hybrid:v", hyb_vals)] + ([run("control:v", ctl_vals)] if ctl_vals else [])
     path.mkdir()
+    (path / "hybrid_report.json").write_text("{}")  # the plugin's own report lands in the same folder
     (path / "mlp.json").write_text(json.dumps({"final_val_baseline": base_vals[-1], "runs": runs,
                                                "variants": {"v": {"final_val_hybrid": hyb_vals[-1]}}}))
     return path

@@ -71,6 +71,11 @@ def forced_config(steps: int, predictor: str, horizon: int, min_full: int, nowca
 
 
 @torch.no_grad()
+def thirds(n: int) -> tuple[tuple[float, float], ...]:
+    """The early, mid and late thirds of an ``n``-step run as half-open step ranges; step ``n`` is late."""
+    return (0, n / 3), (n / 3, 2 * n / 3), (2 * n / 3, n + 1)
+
+
 def fixed_loss(module: torch.nn.Module, batches: list, weights: list[torch.Tensor] | None = None) -> float:
     """Mean loss of ``batches`` in eval mode, of the module's weights or of ``weights`` put in for the measurement;
     the module is left as it was."""
@@ -265,16 +270,16 @@ def measure(spec: dict, predictor: str, horizon: int, min_full: int, nowcaster: 
     rows = [(r.start_step, r.raw_value) for r in cb.results if r.reason == "probe"]
     lengths = [r.step_length for r in cb.results if r.reason == "probe"]
     n = spec["steps"]
-    thirds = {}
-    for name, lo, hi in (("early", 0, n / 3), ("mid", n / 3, 2 * n / 3), ("late", 2 * n / 3, n)):
+    by_third = {}
+    for name, (lo, hi) in zip(("early", "mid", "late"), thirds(n)):
         qs = [q for s, q in rows if lo <= s < hi]
-        thirds[name] = {"median_q": statistics.median(qs) if qs else None,
+        by_third[name] = {"median_q": statistics.median(qs) if qs else None,
                         "positive": sum(q > 0 for q in qs) / len(qs) if qs else None, "phases": len(qs)}
     qs = [q for _, q in rows]
     return {"phases": len(qs), "median_q": statistics.median(qs) if qs else None,
             "mean_q": statistics.fmean(qs) if qs else None,
             "positive": sum(q > 0 for q in qs) / len(qs) if qs else None,
-            "kept": cb.report.kept_phases, "thirds": thirds, "final_val": float(val["val_loss"]),
+            "kept": cb.report.kept_phases, "thirds": by_third, "final_val": float(val["val_loss"]),
             "predicted_steps": cb.report.backward_skipped, "steps": n,
             "refused": sum(r.refused for r in cb.results),
             "probe_curve": probe.curve if probe else None,
@@ -416,7 +421,7 @@ def report_midrun(out: list[dict]) -> None:
         cells = []
         for field in ("q_weights", "q_ema"):
             parts = []
-            for lo, hi in ((0, n / 3), (n / 3, 2 * n / 3), (2 * n / 3, n + 1)):
+            for lo, hi in thirds(n):
                 qs = [r[field] for r in mine if lo <= r["step"] < hi and r[field] is not None]
                 parts.append(f"{statistics.median(qs):+.2f}" if qs else "n/a")
             cells.append(" / ".join(parts))
@@ -454,15 +459,14 @@ def report_fork_judge(out: list[dict]) -> None:
 
     for run in runs:
         rows, n = run["fork_judge"], run["steps"]
-        thirds = [[x for x in rows if lo <= x["start"] < hi] for lo, hi in ((0, n / 3), (n / 3, 2 * n / 3),
-                                                                            (2 * n / 3, n))]
+        parts_of = [[x for x in rows if lo <= x["start"] < hi] for lo, hi in thirds(n)]
         last = run.get("lasting_q")
         for r in at:
             parts = []
             for field in ("loss", "avg"):
-                parts.append(cells([fork_judge_q(t, r, field) for t in thirds], "+.2f"))
+                parts.append(cells([fork_judge_q(t, r, field) for t in parts_of], "+.2f"))
                 parts.append(cells([sum(x[field][r][1] > x[field][r][0] for x in t) / len(t) if t else None
-                                    for t in thirds], ".0%"))
+                                    for t in parts_of], ".0%"))
             print(f"| {run['workload']} | {run['regime']} | {run['predictor']} | {len(rows)} | {r} | "
                   f"{' | '.join(parts)} | {'n/a' if last is None else f'{last:+.2f}'} |")
 

@@ -48,6 +48,7 @@ class DynamicsConfig:
     kl_weight: float = 0.1  # weight of KL(posterior || prior) in the training loss
     confidence_decay: float = 0.95  # EMA decay of the one-step prediction error behind confidence
     drift_span: int = 10  # predictor "drift": observations (x trajectory.stride real steps) its velocity spans
+    drift_gain: float = 1.0  # predictor "drift": real steps' worth of its velocity per predicted step
     nowcaster: str = ""  # predictor "nowcast": weights from python -m hybrid_lightning.nowcast.train ("": shipped)
 
 
@@ -206,6 +207,7 @@ class HybridConfig:
         c.int_range("dynamics.bptt_window", d.bptt_window, 2, 1_024)
         c.int_range("dynamics.train_every", d.train_every, 1, None)
         c.int_range("dynamics.drift_span", d.drift_span, 1, 100_000)
+        c.float_range("dynamics.drift_gain", d.drift_gain, 0.0, 1_000.0, lo_open=True)
         c.float_range("dynamics.kl_weight", d.kl_weight, 0.0, 100.0)
         c.float_range("dynamics.confidence_decay", d.confidence_decay, 0.0, 1.0, lo_open=True, hi_open=True)
         if d.nowcaster and not Path(d.nowcaster).is_file():

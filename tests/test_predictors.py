@@ -77,16 +77,17 @@ def test_tail_average_jumps_to_the_average_plus_its_drift():
 
 
 @given(st.lists(st.tuples(st.floats(-2, 2), st.booleans()), min_size=1, max_size=12), st.integers(1, 5),
-       st.integers(1, 3), st.integers(1, 20), st.integers(0, 2**16))
+       st.integers(1, 3), st.integers(1, 20), st.integers(0, 2**16), st.sampled_from([1.0, 0.5, 16.0]))
 def test_drift_is_the_mean_real_velocity_over_its_span_and_ignores_predicted_motion(obs, span, stride, steps,
-                                                                                     seed):
+                                                                                     seed, gain):
     """Each observation is ``stride`` real steps moving by a random displacement; a flagged one is first preceded
     by a jump the trajectory resyncs over (as the engine does after a Predict phase). The prediction is the mean
-    real displacement per step over the last ``span`` observations, times ``steps``; jumps never count."""
+    real displacement per step over the last ``span`` observations, times ``steps`` and ``gain``; jumps never
+    count."""
     g = torch.Generator().manual_seed(seed)
     params = [torch.zeros(3, 2, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]  # jumps: no rounding
     traj = Trajectory(params, TrajectoryConfig(stride=stride))
-    drift = Drift(2, 1, span=span)
+    drift = Drift(2, 1, span=span, gain=gain)
     assert drift.predict_displacement(traj, steps) is None  # no history yet
     real = []
     for scale, jump_first in obs:
@@ -103,7 +104,7 @@ def test_drift_is_the_mean_real_velocity_over_its_span_and_ignores_predicted_mot
         drift.observe_params(traj)
         real.append(d)
     last = real[-span:]
-    want = torch.stack(last).sum(0) * steps / (len(last) * stride)
+    want = torch.stack(last).sum(0) * gain * steps / (len(last) * stride)
     torch.testing.assert_close(drift.predict_displacement(traj, steps), want)
 
 
@@ -129,6 +130,8 @@ def test_drift_cancels_oscillation_restarts_and_round_trips():
     assert drift.predict_displacement(traj, 3) is None and drift.confidence() == 0.0
     with pytest.raises(ValueError, match="span"):
         Drift(1, 1, span=0)
+    with pytest.raises(ValueError, match="gain"):
+        Drift(1, 1, gain=0.0)
 
 
 def test_last_update_is_readable_only_until_its_buffer_is_reused():
@@ -203,7 +206,13 @@ def test_make_dynamics_knows_the_research_predictors():
         assert isinstance(make_dynamics(name, 3, 1, HybridConfig().dynamics, 0), cls)
     cfg = HybridConfig(predictor="drift")
     cfg.dynamics.drift_span = 7
-    assert make_dynamics("drift", 3, 1, cfg.dynamics, 0).span == 7
+    cfg.dynamics.drift_gain = 16.0
+    made = make_dynamics("drift", 3, 1, cfg.dynamics, 0)
+    assert (made.span, made.gain) == (7, 16.0)
+    cfg.dynamics.drift_gain = 0.0
+    with pytest.raises(ValueError, match="drift_gain"):
+        cfg.validate()
+    cfg.dynamics.drift_gain = 1.0
     cfg.dynamics.drift_span = 0
     with pytest.raises(ValueError, match="drift_span"):
         cfg.validate()

@@ -439,7 +439,7 @@ def make_dynamics(kind: str, n_layers: int, rank: int, config: DynamicsConfig, s
     research = {"null": predictors.NullPredictor, "tail_average": predictors.TailAverage,
                 "dmd": predictors.DMDPredictor}
     if kind == "drift":
-        return predictors.Drift(n_layers, rank, config.drift_span)
+        return predictors.Drift(n_layers, rank, config.drift_span, config.drift_gain)
     if kind in research:
         return research[kind](n_layers, rank)
     if kind == "nowcast":

@@ -100,14 +100,17 @@ class Drift(_ParameterPredictor):
     the span counts alike, and predicted motion never enters the velocity: it is summed from the real updates
     alone. Confident (1) only once the span is full, so a phase never extrapolates a few steps' velocity (after
     waking from dormancy, say). Memory: ``span + 1`` parameter-sized buffers (the running sum at each
-    observation in the span).
+    observation in the span). Each predicted step moves ``gain`` real steps' worth of the velocity: with a
+    one-step phase, a jump that skips one backward pass and moves as far as ``gain`` real steps would.
     """
 
-    def __init__(self, n_layers: int, rank: int, span: int = 10) -> None:
+    def __init__(self, n_layers: int, rank: int, span: int = 10, gain: float = 1.0) -> None:
         super().__init__(n_layers, rank)
         if span < 1:
             raise ValueError(f"span must be >= 1 observation, got {span}")
-        self.span = span
+        if not gain > 0:
+            raise ValueError(f"gain must be > 0, got {gain}")
+        self.span, self.gain = span, gain
         self._snaps: deque[tuple[int, Tensor]] = deque()  # (real steps, sum of the real updates), oldest first
 
     def observe_params(self, trajectory: Trajectory) -> None:
@@ -135,7 +138,7 @@ class Drift(_ParameterPredictor):
         if len(self._snaps) < 2:
             return None
         (t0, first), (t1, last) = self._snaps[0], self._snaps[-1]
-        return (last - first).mul_(steps / (t1 - t0))
+        return (last - first).mul_(self.gain * steps / (t1 - t0))
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -70,12 +70,12 @@ def forced_config(steps: int, predictor: str, horizon: int, min_full: int, nowca
     return cfg.validate()
 
 
-@torch.no_grad()
 def thirds(n: int) -> tuple[tuple[float, float], ...]:
     """The early, mid and late thirds of an ``n``-step run as half-open step ranges; step ``n`` is late."""
     return (0, n / 3), (n / 3, 2 * n / 3), (2 * n / 3, n + 1)
 
 
+@torch.no_grad()
 def fixed_loss(module: torch.nn.Module, batches: list, weights: list[torch.Tensor] | None = None) -> float:
     """Mean loss of ``batches`` in eval mode, of the module's weights or of ``weights`` put in for the measurement;
     the module is left as it was."""

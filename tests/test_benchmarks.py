@@ -92,6 +92,25 @@ def _ttl_dir(path, base_vals, hyb_vals, ctl_vals=None):
     return path
 
 
+def test_fixed_loss_measures_without_autograd_and_puts_the_weights_back():
+    class Recording(torch.nn.Linear):
+        grad_modes: list[bool] = []
+
+        def forward(self, x):
+            self.grad_modes.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    m = Recording(3, 1)
+    before = [p.detach().clone() for p in m.parameters()]
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(2)]
+    zeros = [torch.zeros_like(p) for p in before]
+    assert predictor_value.fixed_loss(m, batches, zeros) == pytest.approx(
+        float(sum((y ** 2).mean() for _, y in batches) / 2))  # zero weights predict 0
+    assert Recording.grad_modes == [False, False] and m.training
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+
+
 def test_seed_target_measures_every_seed_against_the_median_of_their_baselines(tmp_path):
     dirs = [_ttl_dir(tmp_path / "s0", [4, 3, 2], [3, 2, 1], [4, 3, 2.5]),  # targets 2, 3, 1.5: shared is 2
             _ttl_dir(tmp_path / "s1", [4, 3.5, 3], [4, 2, 2]),  # its baseline never gets to 2

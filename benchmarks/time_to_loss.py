@@ -215,11 +215,17 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
     variants = {k: dict(v or {}) for k, v in spec["hybrids"].items()}
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants}
+
     def layer_lr(_: HybridPredictiveTraining | None) -> list[Callback]:
         # the baseline with some layers' LR tuned too: every run of the comparison gets the same scaling
         return [ScaledPrefixStep(tuple(args.layer_lr), args.layer_lr_factor, tuple(args.layer_lr_between))]
 
     scaled = layer_lr if args.layer_lr else None
+
+    def extras(cb: HybridPredictiveTraining | None) -> list[Callback]:  # a hybrid run's: scaling, then PredictUntil
+        until = [PredictUntil(cb, args.predict_until)] if args.predict_until else []
+        return (scaled(cb) if scaled else []) + until
+
     runs: list[Run] = []
     for rep in range(args.repeats):  # interleaved: baseline, hybrids, controls, then again
         runs.append(train(spec, "baseline", N, lr, rep, None, args.accelerator, seed=args.seed, extra_callbacks=scaled))
@@ -229,10 +235,6 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
             # worth less than real ones can still reach the baseline's loss sooner if there are more of them
             hybrid = {k: v for k, v in overrides.items() if k != "steps_factor"}
             steps = round(N * overrides.get("steps_factor", 1.0))
-            def extras(cb: HybridPredictiveTraining | None) -> list[Callback]:
-                until = [PredictUntil(cb, args.predict_until)] if args.predict_until else []
-                return (scaled(cb) if scaled else []) + until
-
             h = train(spec, f"hybrid:{var}", steps, lr, rep, hybrid, args.accelerator, seed=args.seed,
                       extra_callbacks=extras)
             runs.append(h)

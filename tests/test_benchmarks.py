@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from benchmarks import (
     dynamics_quality,
     hook_profile,
+    jump_sweep,
     overhead,
     partial_predict,
     predictor_value,
@@ -123,6 +124,44 @@ def test_seed_target_measures_every_seed_against_the_median_of_their_baselines(t
     assert s1["vs_baseline"] == "≥ 1.50x (baseline not reached)"  # its 30 s of training over the hybrid's 20
     assert s1["control_vs_baseline"] == "not reached"  # no control run: the control is the baseline
     assert s2["vs_baseline"] == "not reached" and s2["control_vs_baseline"] == "1.00x"
+
+
+def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_training(tmp_path):
+    cfg = jump_sweep.jump_config("mlp", 12, 8.0)
+    assert (cfg["min_full_steps"], cfg["max_predict_steps"], cfg["dynamics"]["drift_gain"]) == (12, 1, 8.0)
+    res = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "8:1", "--out", str(tmp_path)])
+    plain, a, b = res["mlp"]
+    assert (plain["point"], plain["vs_baseline"], plain["backward_passes"]) == ("plain", 0.0, 60)
+    # one skipped backward pass per jump: the run with jumps twice as often skips more of them
+    assert 60 > a["backward_passes"] and b["backward_passes"] < 60 and a["backward_passes"] < b["backward_passes"]
+    assert a["final_val"] != plain["final_val"]
+    assert json.loads((tmp_path / "jump_sweep.json").read_text())["results"]["mlp"][1]["point"] == "4:4"
+    assert "| mlp | 8:1 |" in (tmp_path / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit):
+        jump_sweep.main(["--points", "24"])
+
+
+def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_change(tmp_path):
+    def sweep(seed: int, rows: list[tuple[str, float]], name: str = "") -> str:
+        d = tmp_path / (name or f"s{seed}")
+        d.mkdir()
+        res = [{"point": p, "final_val": v, "vs_baseline": v / rows[0][1] - 1.0} for p, v in rows]
+        (d / "jump_sweep.json").write_text(json.dumps({"seed": seed, "regime": "low_lr", "results": {"mlp": res}}))
+        return str(d)
+
+    dirs = [sweep(0, [("plain", 2.0), ("24:16", 1.9), ("24:1", 2.0)]), sweep(1, [("plain", 1.0), ("24:16", 1.1)])]
+    assert jump_sweep.main(["--summarize", *dirs]) == {}
+    lines = jump_sweep.summarize([tmp_path / "s0", tmp_path / "s1"]).splitlines()
+    assert "Seeds 0 / 1, regime low_lr" in lines[0]
+    assert "| mlp | plain | 2.0000 / 1.0000 | | |" in lines
+    assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
+    assert not any("24:1 " in x for x in lines)  # seed 1 did not run it
+    # a second sweep of seed 1 adds its points; the point seed 1 ran already keeps its first value
+    more = sweep(1, [("plain", 1.0), ("24:1", 0.9), ("24:16", 5.0)], "s1_more")
+    lines = jump_sweep.summarize([tmp_path / "s0", tmp_path / "s1", tmp_path / "s1_more"]).splitlines()
+    assert "Seeds 0 / 1," in lines[0] and more
+    assert "| mlp | 24:1 | 2.0000 / 0.9000 | +0.0% / -10.0% | -5.0% |" in lines
+    assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
 
 
 def test_time_to_interpolates_and_reports_not_reached():

@@ -1,0 +1,141 @@
+"""Drift jumps: one predicted step of ``gain`` real steps' worth after every ``K`` real steps, swept.
+
+    python -m benchmarks.jump_sweep                                 # K:gain 24:4 24:8 24:16 24:32, seed 0
+    python -m benchmarks.jump_sweep --points 12:8 48:32 --seed 1 --workloads mlp cnn
+    python -m benchmarks.jump_sweep --regime low_lr
+    python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
+
+Per workload, in one process: plain training, then each point as the workload's
+``drift_jump16_every24_unguarded`` variant with ``min_full_steps`` = K and ``dynamics.drift_gain`` = gain,
+all at the baseline's own number of steps. A screen, not the end-to-end measurement: one run each, so
+the final val loss (the same for any repeat) is the number to read; wall-clock to the baseline's final
+val is one repeat's and the time_to_loss harness is the place to confirm a point. Writes
+``<out>/jump_sweep.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.regimes import REGIMES
+from benchmarks.time_to_loss import HERE, WORKLOADS, Run, load_spec, time_to, train
+
+BASE_VARIANT = "drift_jump16_every24_unguarded"
+
+
+def point(text: str) -> tuple[int, float]:
+    """``"K:gain"`` -> (K, gain)."""
+    k, _, g = text.partition(":")
+    try:
+        return int(k), float(g)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:gain like 24:16, got {text!r}") from None
+
+
+def jump_config(name: str, k: int, gain: float, quick: bool = False) -> dict:
+    """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
+    after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such variant)."""
+    base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
+    base.update(min_full_steps=k, dynamics={**base.get("dynamics", {}), "drift_gain": gain})
+    if quick:
+        base.update(warmup_steps=10, dynamics={**base["dynamics"], "drift_span": 2})
+    return base
+
+
+def row(label: str, run: Run, baseline: Run) -> dict:
+    target = baseline.final_val
+    t_base, t_run = time_to(baseline.curve, target), time_to(run.curve, target)
+    return {"point": label, "final_val": run.final_val, "vs_baseline": run.final_val / target - 1.0,
+            "backward_passes": run.backward_passes, "rollbacks": run.rollbacks,
+            "speedup": None if t_run is None or not t_run else t_base / t_run}
+
+
+def table(results: dict[str, list[dict]], seed: int, regime: str) -> str:
+    lines = [f"Seed {seed}, regime {regime}; final val loss (change against plain training) and one repeat's "
+             "wall-clock to plain training's final val.", "",
+             "| workload | K:gain | final val | vs plain | to plain's final val |", "|---|---|---|---|---|"]
+    for name, rows in results.items():
+        for r in rows:
+            sp = "not reached" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            change = "" if r["point"] == "plain" else f"{100 * r['vs_baseline']:+.1f}%"
+            lines.append(f"| {name} | {r['point']} | {r['final_val']:.4f} | {change} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(dirs: list[Path]) -> str:
+    """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
+    seed, and their mean. Sweeps of the same seed and regime are merged (a point run twice: the first)."""
+    sweeps: list[dict] = []
+    for d in dirs:
+        s = json.loads((d / "jump_sweep.json").read_text())
+        same = next((x for x in sweeps if (x["seed"], x["regime"]) == (s["seed"], s["regime"])), None)
+        if same is None:
+            sweeps.append(s)
+            continue
+        for name, rows in s["results"].items():
+            have = same["results"].setdefault(name, [])
+            have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
+    regimes = {s["regime"] for s in sweeps}
+    lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {' / '.join(sorted(regimes))}; final val "
+             "loss against plain training of the same seed.", "",
+             "| workload | K:gain | final val per seed | vs plain per seed | mean |", "|---|---|---|---|---|"]
+    for name in sweeps[0]["results"]:
+        if not all(name in s["results"] for s in sweeps):
+            continue
+        per = [{r["point"]: r for r in s["results"][name]} for s in sweeps]
+        for label in [r["point"] for r in sweeps[0]["results"][name] if all(r["point"] in p for p in per)]:
+            rows = [p[label] for p in per]
+            change = [100 * r["vs_baseline"] for r in rows]
+            finals = " / ".join(f"{r['final_val']:.4f}" for r in rows)
+            changes = " / ".join(f"{c:+.1f}%" for c in change)
+            mean = f"{sum(change) / len(change):+.1f}%"
+            lines.append(f"| {name} | {label} | {finals} | " + ("| |" if label == "plain" else f"{changes} | {mean} |"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--points", nargs="+", type=point, default=[(24, 4.0), (24, 8.0), (24, 16.0), (24, 32.0)],
+                   metavar="K:GAIN")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regime", default="adamw_cosine", choices=REGIMES)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="DIR",
+                   help="run nothing: compare the sweeps written to these --out folders (one per seed)")
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return {}
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for name in args.workloads:
+        spec = load_spec(name, args)
+        n, lr = spec["steps"], spec["lr"]
+        base = train(spec, "baseline", n, lr, 0, None, "cpu", seed=args.seed)
+        rows = [row("plain", base, base)]
+        print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
+        for k, gain in args.points:
+            cfg = jump_config(name, k, gain, args.quick)
+            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed)
+            rows.append(row(f"{k}:{gain:g}", h, base))
+            print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
+        results[name] = rows
+    (args.out / "jump_sweep.json").write_text(json.dumps({"seed": args.seed, "regime": args.regime,
+                                                           "results": results}, indent=1))
+    md = table(results, args.seed, args.regime)
+    (args.out / "jump_sweep.md").write_text(md)
+    print(md)
+    return results
+
+
+if __name__ == "__main__":
+    main()

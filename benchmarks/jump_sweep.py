@@ -37,10 +37,14 @@ def point(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected K:gain like 24:16, got {text!r}") from None
 
 
-def jump_config(name: str, k: int, gain: float, quick: bool = False) -> dict:
+def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False) -> dict:
     """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
-    after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such variant)."""
+    after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such
+    variant; ``guarded``: the default guard judges every jump on its probe batch and rolls back the ones
+    that raise its loss)."""
     base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
+    if guarded:
+        del base["divergence"]
     base.update(min_full_steps=k, dynamics={**base.get("dynamics", {}), "drift_gain": gain})
     if quick:
         base.update(warmup_steps=10, dynamics={**base["dynamics"], "drift_span": 2})
@@ -51,29 +55,33 @@ def row(label: str, run: Run, baseline: Run) -> dict:
     target = baseline.final_val
     t_base, t_run = time_to(baseline.curve, target), time_to(run.curve, target)
     return {"point": label, "final_val": run.final_val, "vs_baseline": run.final_val / target - 1.0,
-            "backward_passes": run.backward_passes, "rollbacks": run.rollbacks,
+            "backward_passes": run.backward_passes, "rollbacks": run.rollbacks, "kept": run.kept_phases,
             "speedup": None if t_run is None or not t_run else t_base / t_run}
 
 
-def table(results: dict[str, list[dict]], seed: int, regime: str) -> str:
-    lines = [f"Seed {seed}, regime {regime}; final val loss (change against plain training) and one repeat's "
-             "wall-clock to plain training's final val.", "",
-             "| workload | K:gain | final val | vs plain | to plain's final val |", "|---|---|---|---|---|"]
+def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False) -> str:
+    lines = [f"Seed {seed}, regime {regime}, jumps {'guarded' if guarded else 'unguarded'}; final val loss (change "
+             "against plain training), jumps kept / rolled back, and one repeat's wall-clock to plain training's "
+             "final val.", "",
+             "| workload | K:gain | final val | vs plain | kept / rolled back | to plain's final val |",
+             "|---|---|---|---|---|---|"]
     for name, rows in results.items():
         for r in rows:
             sp = "not reached" if r["speedup"] is None else f"{r['speedup']:.2f}x"
             change = "" if r["point"] == "plain" else f"{100 * r['vs_baseline']:+.1f}%"
-            lines.append(f"| {name} | {r['point']} | {r['final_val']:.4f} | {change} | {sp} |")
+            kept = "" if r["point"] == "plain" else f"{r.get('kept', 0)} / {r['rollbacks']}"
+            lines.append(f"| {name} | {r['point']} | {r['final_val']:.4f} | {change} | {kept} | {sp} |")
     return "\n".join(lines) + "\n"
 
 
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
-    seed, and their mean. Sweeps of the same seed and regime are merged (a point run twice: the first)."""
+    seed, and their mean. Sweeps of the same seed, regime and guard are merged (a point run twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
-        same = next((x for x in sweeps if (x["seed"], x["regime"]) == (s["seed"], s["regime"])), None)
+        key = (s["seed"], s["regime"], s.get("guarded", False))
+        same = next((x for x in sweeps if (x["seed"], x["regime"], x.get("guarded", False)) == key), None)
         if same is None:
             sweeps.append(s)
             continue
@@ -81,8 +89,9 @@ def summarize(dirs: list[Path]) -> str:
             have = same["results"].setdefault(name, [])
             have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
     regimes = {s["regime"] for s in sweeps}
-    lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {' / '.join(sorted(regimes))}; final val "
-             "loss against plain training of the same seed.", "",
+    guard = {"guarded" if s.get("guarded") else "unguarded" for s in sweeps}
+    lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {' / '.join(sorted(regimes))}, jumps "
+             f"{' / '.join(sorted(guard))}; final val loss against plain training of the same seed.", "",
              "| workload | K:gain | final val per seed | vs plain per seed | mean |", "|---|---|---|---|---|"]
     for name in sweeps[0]["results"]:
         if not all(name in s["results"] for s in sweeps):
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    metavar="K:GAIN")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--regime", default="adamw_cosine", choices=REGIMES)
+    p.add_argument("--guarded", action="store_true",
+                   help="the default guard judges every jump on its probe batch (default: unguarded)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -124,14 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         rows = [row("plain", base, base)]
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
-            cfg = jump_config(name, k, gain, args.quick)
+            cfg = jump_config(name, k, gain, args.quick, args.guarded)
             h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed)
             rows.append(row(f"{k}:{gain:g}", h, base))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
     (args.out / "jump_sweep.json").write_text(json.dumps({"seed": args.seed, "regime": args.regime,
-                                                           "results": results}, indent=1))
-    md = table(results, args.seed, args.regime)
+                                                           "guarded": args.guarded, "results": results}, indent=1))
+    md = table(results, args.seed, args.regime, args.guarded)
     (args.out / "jump_sweep.md").write_text(md)
     print(md)
     return results

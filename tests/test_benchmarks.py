@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from benchmarks import (
     dynamics_quality,
     hook_profile,
+    jump_judge,
     jump_sweep,
     overhead,
     partial_predict,
@@ -137,6 +138,7 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert a["final_val"] != plain["final_val"]
     assert json.loads((tmp_path / "jump_sweep.json").read_text())["results"]["mlp"][1]["point"] == "4:4"
     assert "| mlp | 8:1 |" in (tmp_path / "jump_sweep.md").read_text()
+    assert "divergence" in cfg and "divergence" not in jump_sweep.jump_config("mlp", 12, 8.0, guarded=True)
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
 
@@ -152,7 +154,7 @@ def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_chan
     dirs = [sweep(0, [("plain", 2.0), ("24:16", 1.9), ("24:1", 2.0)]), sweep(1, [("plain", 1.0), ("24:16", 1.1)])]
     assert jump_sweep.main(["--summarize", *dirs]) == {}
     lines = jump_sweep.summarize([tmp_path / "s0", tmp_path / "s1"]).splitlines()
-    assert "Seeds 0 / 1, regime low_lr" in lines[0]
+    assert "Seeds 0 / 1, regime low_lr, jumps unguarded" in lines[0]
     assert "| mlp | plain | 2.0000 / 1.0000 | | |" in lines
     assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
     assert not any("24:1 " in x for x in lines)  # seed 1 did not run it
@@ -162,6 +164,43 @@ def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_chan
     assert "Seeds 0 / 1," in lines[0] and more
     assert "| mlp | 24:1 | 2.0000 / 0.9000 | +0.0% / -10.0% | -5.0% |" in lines
     assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
+
+
+def test_jump_judge_jumps_only_in_j_blocks_and_probes_at_every_boundary(tmp_path):
+    spec = _quick_mlp()
+    spec["_out"], spec["_regime"] = str(tmp_path), "adamw_cosine"
+    cfg = jump_sweep.jump_config("mlp", 2, 4.0, quick=True)
+    seen: list[tuple[int, int]] = []  # (global step, predicted steps so far) at every step's start
+    sched = []
+
+    class Record(Callback):
+        def __init__(self, cb):
+            self.cb = cb
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, self.cb.engine.counters["predicted_steps"]))
+
+    def extra(cb):
+        sched.append(jump_judge.BlockSchedule(cb, start=10, block=5))
+        return [sched[0], Record(cb)]
+
+    run = time_to_loss.train(spec, "hybrid", 60, spec["lr"], 0, cfg, "cpu", extra_callbacks=extra)
+    predicted = [g for (g, c), (_, c1) in zip(seen, seen[1:]) if c1 > c]
+    assert predicted and run.backward_passes == 60 - len(predicted)
+    assert all(jump_judge.PATTERN[(s - 10) // 5 % 4] == "J" for s in predicted)
+    assert [s for s, _ in sched[0].points] == list(range(10, 60, 5))
+
+
+def test_jump_judge_statistic_cancels_a_linear_trend_and_sees_the_j_blocks_extra_progress():
+    # progress per block falls linearly (1.0, 0.9, ...); J blocks (1st and 4th of each group) gain 0.05 more
+    progress = [1.0 - 0.1 * i + (0.05 if "JNNJ"[i % 4] == "J" else 0.0) + 0.001 * (i % 3) for i in range(8)]
+    losses = [10.0]
+    for x in progress:
+        losses.append(losses[-1] - x)
+    out = jump_judge.judge(list(enumerate(losses)))
+    assert out["groups"] == 2 and out["mean_d"] == pytest.approx(0.05, abs=0.002) and out["t"] > 2
+    assert jump_judge.verdict(out["t"]) == "jumps pay" and jump_judge.verdict(-3.0) == "jumps harm"
+    assert jump_judge.verdict(None) == "no evidence" and jump_judge.judge(list(enumerate(losses[:5])))["t"] is None
 
 
 def test_time_to_interpolates_and_reports_not_reached():

@@ -36,9 +36,11 @@ PATTERN = "JNNJ"
 
 
 class BlockSchedule(Callback):
-    """From step ``start`` on, blocks of ``block`` steps in the order J N N J: in N blocks no Predict phase may
-    start (the engine's step limit is held at its step); at each block boundary, the loss of ``batches`` fixed
-    validation batches. Runs before :class:`HybridPredictiveTraining` in the callback list."""
+    """From step ``start`` on, blocks of ``block`` steps in the order J N N J: no step of an N block is predicted;
+    at each block boundary, the loss of ``batches`` fixed validation batches. The engine decides at the end of a
+    step whether the next one is predicted, with the step limit set at that step's start, so the limit follows
+    the block of the step after it (held at the engine's step: no phase). Runs before
+    :class:`HybridPredictiveTraining` in the callback list."""
 
     def __init__(self, hybrid, start: int, block: int, batches: int = 4) -> None:
         self.hybrid, self.start, self.block, self.batches = hybrid, start, block, batches
@@ -54,7 +56,7 @@ class BlockSchedule(Callback):
                 with torch.random.fork_rng():  # an iterator may draw a seed: keep training's random stream
                     self._val = [b for _, b in zip(range(self.batches), trainer.datamodule.val_dataloader())]
             self.points.append((g, fixed_loss(pl_module, self._val)))
-        jumps = PATTERN[(g - self.start) // self.block % len(PATTERN)] == "J"
+        jumps = PATTERN[(g + 1 - self.start) // self.block % len(PATTERN)] == "J"  # may step g + 1 be predicted?
         engine.step_limit = engine.step + trainer.max_steps - g if jumps else engine.step
 
 

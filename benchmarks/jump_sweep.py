@@ -76,17 +76,22 @@ def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool 
 
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
-    seed, and their mean. Sweeps of the same seed, regime and guard are merged (a point run twice: the first)."""
+    seed, and their mean. All in one regime and guard; sweeps of the same seed are merged (a point run twice:
+    the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
-        key = (s["seed"], s["regime"], s.get("guarded", False))
-        same = next((x for x in sweeps if (x["seed"], x["regime"], x.get("guarded", False)) == key), None)
+        if sweeps and (s["regime"], s.get("guarded", False)) != (sweeps[0]["regime"], sweeps[0].get("guarded", False)):
+            raise SystemExit(f"{d}: another regime or guard than {dirs[0]}; summarize one kind of sweep at a time")
+        same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
             continue
         for name, rows in s["results"].items():
             have = same["results"].setdefault(name, [])
+            plain = [r["final_val"] for r in have + rows if r["point"] == "plain"]
+            if len(set(plain)) > 1:  # training is deterministic: another plain run means another setup
+                raise SystemExit(f"{d}: plain training of seed {s['seed']} ended elsewhere ({plain}) on {name}")
             have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
     regimes = {s["regime"] for s in sweeps}
     guard = {"guarded" if s.get("guarded") else "unguarded" for s in sweeps}

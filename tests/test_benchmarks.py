@@ -159,17 +159,25 @@ def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_chan
     assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
     assert not any("24:1 " in x for x in lines)  # seed 1 did not run it
     # a second sweep of seed 1 adds its points; the point seed 1 ran already keeps its first value
-    more = sweep(1, [("plain", 1.0), ("24:1", 0.9), ("24:16", 5.0)], "s1_more")
+    sweep(1, [("plain", 1.0), ("24:1", 0.9), ("24:16", 5.0)], "s1_more")
     lines = jump_sweep.summarize([tmp_path / "s0", tmp_path / "s1", tmp_path / "s1_more"]).splitlines()
-    assert "Seeds 0 / 1," in lines[0] and more
+    assert "Seeds 0 / 1," in lines[0]
     assert "| mlp | 24:1 | 2.0000 / 0.9000 | +0.0% / -10.0% | -5.0% |" in lines
+    sweep(1, [("plain", 1.5), ("24:2", 0.9)], "s1_other")  # seed 1's plain run ended elsewhere: not the same setup
+    with pytest.raises(SystemExit, match="ended elsewhere"):
+        jump_sweep.summarize([tmp_path / "s1", tmp_path / "s1_other"])
+    other = json.loads((tmp_path / "s0" / "jump_sweep.json").read_text()) | {"regime": "adamw_cosine"}
+    (tmp_path / "s0_cosine").mkdir()
+    (tmp_path / "s0_cosine" / "jump_sweep.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another regime"):
+        jump_sweep.summarize([tmp_path / "s1", tmp_path / "s0_cosine"])
     assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
 
 
 def test_jump_judge_jumps_only_in_j_blocks_and_probes_at_every_boundary(tmp_path):
     spec = _quick_mlp()
     spec["_out"], spec["_regime"] = str(tmp_path), "adamw_cosine"
-    cfg = jump_sweep.jump_config("mlp", 2, 4.0, quick=True)
+    cfg, block = jump_sweep.jump_config("mlp", 2, 4.0, quick=True), 6
     seen: list[tuple[int, int]] = []  # (global step, predicted steps so far) at every step's start
     sched = []
 
@@ -181,14 +189,15 @@ def test_jump_judge_jumps_only_in_j_blocks_and_probes_at_every_boundary(tmp_path
             seen.append((trainer.global_step, self.cb.engine.counters["predicted_steps"]))
 
     def extra(cb):
-        sched.append(jump_judge.BlockSchedule(cb, start=10, block=5))
+        sched.append(jump_judge.BlockSchedule(cb, start=10, block=block))
         return [sched[0], Record(cb)]
 
     run = time_to_loss.train(spec, "hybrid", 60, spec["lr"], 0, cfg, "cpu", extra_callbacks=extra)
     predicted = [g for (g, c), (_, c1) in zip(seen, seen[1:]) if c1 > c]
     assert predicted and run.backward_passes == 60 - len(predicted)
-    assert all(jump_judge.PATTERN[(s - 10) // 5 % 4] == "J" for s in predicted)
-    assert [s for s, _ in sched[0].points] == list(range(10, 60, 5))
+    # with blocks of 6 a jump falls due on a J block's last step (16): the engine decides it a step ahead
+    assert all(jump_judge.PATTERN[(s - 10) // block % 4] == "J" for s in predicted)
+    assert [s for s, _ in sched[0].points] == list(range(10, 60, block))
 
 
 def test_jump_judge_statistic_cancels_a_linear_trend_and_sees_the_j_blocks_extra_progress():

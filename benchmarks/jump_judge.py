@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.jump_sweep import jump_config, point
-from benchmarks.predictor_value import fixed_loss
+from benchmarks.predictor_value import fixed_loss, val_batches
 from benchmarks.regimes import REGIMES
 from benchmarks.time_to_loss import HERE, WORKLOADS, load_spec, train
 
@@ -53,8 +53,7 @@ class BlockSchedule(Callback):
             return
         if (g - self.start) % self.block == 0:
             if not self._val:
-                with torch.random.fork_rng():  # an iterator may draw a seed: keep training's random stream
-                    self._val = [b for _, b in zip(range(self.batches), trainer.datamodule.val_dataloader())]
+                self._val = val_batches(trainer, self.batches)
             self.points.append((g, fixed_loss(pl_module, self._val)))
         jumps = PATTERN[(g + 1 - self.start) // self.block % len(PATTERN)] == "J"  # may step g + 1 be predicted?
         engine.step_limit = engine.step + trainer.max_steps - g if jumps else engine.step

@@ -75,6 +75,13 @@ def thirds(n: int) -> tuple[tuple[float, float], ...]:
     return (0, n / 3), (n / 3, 2 * n / 3), (2 * n / 3, n + 1)
 
 
+def val_batches(trainer, n: int) -> list:
+    """The first ``n`` validation batches, drawn without touching training's random stream (an iterator may
+    draw a seed)."""
+    with torch.random.fork_rng():
+        return [b for _, b in zip(range(n), trainer.datamodule.val_dataloader())]
+
+
 @torch.no_grad()
 def fixed_loss(module: torch.nn.Module, batches: list, weights: list[torch.Tensor] | None = None) -> float:
     """Mean loss of ``batches`` in eval mode, of the module's weights or of ``weights`` put in for the measurement;
@@ -113,8 +120,7 @@ class AveragedProbe(Callback):
         params = [p.detach() for p in pl_module.parameters()]
         if self._ema is None:
             self._ema = [p.clone() for p in params]
-            with torch.random.fork_rng():  # an iterator may draw a seed: keep training's random stream
-                self._val = [b for _, b in zip(range(self.batches), trainer.datamodule.val_dataloader())]
+            self._val = val_batches(trainer, self.batches)
         torch._foreach_lerp_(self._ema, params, 1 - self.decay)
         if trainer.global_step % self.every:
             return
@@ -170,8 +176,7 @@ class ForkJudge(Callback):
         if report is None:
             return
         if not self._val:
-            with torch.random.fork_rng():  # an iterator may draw a seed: keep training's random stream
-                self._val = [b for _, b in zip(range(self.batches), trainer.datamodule.val_dataloader())]
+            self._val = val_batches(trainer, self.batches)
         if self._open is not None and not report.phase.runs_backward:
             self._open["predicted"] += 1  # a later phase inside the window: the counterfactual has none
         if self._open is not None and report.phase.runs_backward:

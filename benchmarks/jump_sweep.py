@@ -56,7 +56,7 @@ def row(label: str, run: Run, baseline: Run) -> dict:
     t_base, t_run = time_to(baseline.curve, target), time_to(run.curve, target)
     return {"point": label, "final_val": run.final_val, "vs_baseline": run.final_val / target - 1.0,
             "backward_passes": run.backward_passes, "rollbacks": run.rollbacks, "kept": run.kept_phases,
-            "speedup": None if t_run is None or not t_run else t_base / t_run}
+            "speedup": t_base / t_run if t_run else None}
 
 
 def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False) -> str:
@@ -93,10 +93,9 @@ def summarize(dirs: list[Path]) -> str:
             if len(set(plain)) > 1:  # training is deterministic: another plain run means another setup
                 raise SystemExit(f"{d}: plain training of seed {s['seed']} ended elsewhere ({plain}) on {name}")
             have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
-    regimes = {s["regime"] for s in sweeps}
-    guard = {"guarded" if s.get("guarded") else "unguarded" for s in sweeps}
-    lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {' / '.join(sorted(regimes))}, jumps "
-             f"{' / '.join(sorted(guard))}; final val loss against plain training of the same seed.", "",
+    guard = "guarded" if sweeps[0].get("guarded") else "unguarded"
+    lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {sweeps[0]['regime']}, jumps {guard}; "
+             "final val loss against plain training of the same seed.", "",
              "| workload | K:gain | final val per seed | vs plain per seed | mean |", "|---|---|---|---|---|"]
     for name in sweeps[0]["results"]:
         if not all(name in s["results"] for s in sweeps):

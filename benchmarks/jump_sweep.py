@@ -3,6 +3,7 @@
     python -m benchmarks.jump_sweep                                 # K:gain 24:4 24:8 24:16 24:32, seed 0
     python -m benchmarks.jump_sweep --points 12:8 48:32 --seed 1 --workloads mlp cnn
     python -m benchmarks.jump_sweep --regime low_lr
+    python -m benchmarks.jump_sweep --points 24:32 --judge 48     # under the block judge (judge.block = 48)
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's
@@ -37,18 +38,24 @@ def point(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected K:gain like 24:16, got {text!r}") from None
 
 
-def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False) -> dict:
+def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False, judge: int = 0) -> dict:
     """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
     after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such
     variant; ``guarded``: the default guard judges every jump on its probe batch and rolls back the ones
-    that raise its loss)."""
+    that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none)."""
     base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
     if guarded:
         del base["divergence"]
     base.update(min_full_steps=k, dynamics={**base.get("dynamics", {}), "drift_gain": gain})
     if quick:
         base.update(warmup_steps=10, dynamics={**base["dynamics"], "drift_span": 2})
+    if judge:
+        base["judge"] = {"block": judge}
     return base
+
+
+def kind(guarded: bool, judge: int) -> str:
+    return ("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps" if judge else "")
 
 
 def row(label: str, run: Run, baseline: Run) -> dict:
@@ -59,8 +66,8 @@ def row(label: str, run: Run, baseline: Run) -> dict:
             "speedup": t_base / t_run if t_run else None}
 
 
-def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False) -> str:
-    lines = [f"Seed {seed}, regime {regime}, jumps {'guarded' if guarded else 'unguarded'}; final val loss (change "
+def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False, judge: int = 0) -> str:
+    lines = [f"Seed {seed}, regime {regime}, jumps {kind(guarded, judge)}; final val loss (change "
              "against plain training), jumps kept / rolled back, and one repeat's wall-clock to plain training's "
              "final val.", "",
              "| workload | K:gain | final val | vs plain | kept / rolled back | to plain's final val |",
@@ -76,13 +83,14 @@ def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool 
 
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
-    seed, and their mean. All in one regime and guard; sweeps of the same seed are merged (a point run twice:
+    seed, and their mean. All in one regime, guard and judge; sweeps of the same seed are merged (a point run twice:
     the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
-        if sweeps and (s["regime"], s.get("guarded", False)) != (sweeps[0]["regime"], sweeps[0].get("guarded", False)):
-            raise SystemExit(f"{d}: another regime or guard than {dirs[0]}; summarize one kind of sweep at a time")
+        if sweeps and _setup(s) != _setup(sweeps[0]):
+            raise SystemExit(f"{d}: another regime, guard or judge than {dirs[0]}; summarize one kind of sweep at a "
+                             "time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
@@ -93,7 +101,7 @@ def summarize(dirs: list[Path]) -> str:
             if len(set(plain)) > 1:  # training is deterministic: another plain run means another setup
                 raise SystemExit(f"{d}: plain training of seed {s['seed']} ended elsewhere ({plain}) on {name}")
             have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
-    guard = "guarded" if sweeps[0].get("guarded") else "unguarded"
+    guard = kind(sweeps[0].get("guarded", False), sweeps[0].get("judge", 0))
     lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {sweeps[0]['regime']}, jumps {guard}; "
              "final val loss against plain training of the same seed.", "",
              "| workload | K:gain | final val per seed | vs plain per seed | mean |", "|---|---|---|---|---|"]
@@ -111,6 +119,10 @@ def summarize(dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setup(sweep: dict) -> tuple:
+    return sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0)
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--regime", default="adamw_cosine", choices=REGIMES)
     p.add_argument("--guarded", action="store_true",
                    help="the default guard judges every jump on its probe batch (default: unguarded)")
+    p.add_argument("--judge", type=int, default=0, metavar="BLOCK",
+                   help="jumps only while the block judge (judge.block = BLOCK steps) lets them (default: no judge)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -139,14 +153,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         rows = [row("plain", base, base)]
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
-            cfg = jump_config(name, k, gain, args.quick, args.guarded)
+            cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge)
             h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed)
             rows.append(row(f"{k}:{gain:g}", h, base))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
     (args.out / "jump_sweep.json").write_text(json.dumps({"seed": args.seed, "regime": args.regime,
-                                                           "guarded": args.guarded, "results": results}, indent=1))
-    md = table(results, args.seed, args.regime, args.guarded)
+                                                           "guarded": args.guarded, "judge": args.judge,
+                                                           "results": results}, indent=1))
+    md = table(results, args.seed, args.regime, args.guarded, args.judge)
     (args.out / "jump_sweep.md").write_text(md)
     print(md)
     return results

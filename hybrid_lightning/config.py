@@ -93,6 +93,16 @@ class BanditConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """Judge prediction by its lasting value, from the training loss of stretches with and without phases."""
+
+    block: int = 0  # steps per block after warmup, in groups J N N J; phases run only in J blocks (0: off)
+    window: int = 4  # judged groups whose mean d decides; too low: no phase for 1, 2, 4 .. 32 groups
+    margin: float = 0.5  # too low: mean d < -margin x the N blocks' progress (0.5: the J blocks made none)
+    exploit: bool = False  # mean d >= 0: the next 1, 2, 4 .. 32 groups are J J J J, then J N N J again
+
+
+@dataclass
 class HybridConfig:
     """All plugin settings. Top-level fields are the phase machine's knobs."""
 
@@ -114,6 +124,7 @@ class HybridConfig:
     corrector: CorrectorConfig = field(default_factory=CorrectorConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     bandit: BanditConfig = field(default_factory=BanditConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -240,6 +251,14 @@ class HybridConfig:
         c.float_range("divergence.rollback_tolerance", v.rollback_tolerance, 0.0, 10.0)
         c.int_range("divergence.confirm_batches", v.confirm_batches, 0, 16)
         c.float_range("divergence.confirm_margin", v.confirm_margin, 0.0, 1.0)
+
+        j = self.judge
+        c.int_range("judge.block", j.block, 0, None)
+        if isinstance(j.block, int) and 0 < j.block < 4:
+            problems.append(f"judge.block = {j.block} is too short: 0 (off), or >= 4 steps (a block's last quarter "
+                            "stands for its end)")
+        c.int_range("judge.window", j.window, 1, 1_000)
+        c.float_range("judge.margin", j.margin, 0.0, 100.0)
 
         b = self.bandit
         if b.arms is not None:

@@ -139,6 +139,13 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert json.loads((tmp_path / "jump_sweep.json").read_text())["results"]["mlp"][1]["point"] == "4:4"
     assert "| mlp | 8:1 |" in (tmp_path / "jump_sweep.md").read_text()
     assert "divergence" in cfg and "divergence" not in jump_sweep.jump_config("mlp", 12, 8.0, guarded=True)
+    assert "judge" not in cfg and jump_sweep.jump_config("mlp", 12, 8.0, judge=48)["judge"] == {"block": 48}
+    judged = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--judge", "4", "--out",
+                              str(tmp_path / "judged")])
+    # the judge keeps jumps out of N blocks: fewer of them than the unjudged 4:4 run's
+    assert a["backward_passes"] < judged["mlp"][1]["backward_passes"] < 60
+    assert json.loads((tmp_path / "judged" / "jump_sweep.json").read_text())["judge"] == 4
+    assert "block judge of 4 steps" in (tmp_path / "judged" / "jump_sweep.md").read_text()
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
 
@@ -171,6 +178,12 @@ def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_chan
     (tmp_path / "s0_cosine" / "jump_sweep.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="another regime"):
         jump_sweep.summarize([tmp_path / "s1", tmp_path / "s0_cosine"])
+    other = json.loads((tmp_path / "s0" / "jump_sweep.json").read_text()) | {"judge": 48}
+    (tmp_path / "s0_judged").mkdir()
+    (tmp_path / "s0_judged" / "jump_sweep.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="judge"):
+        jump_sweep.summarize([tmp_path / "s1", tmp_path / "s0_judged"])
+    assert "jumps unguarded, block judge of 48 steps" in jump_sweep.summarize([tmp_path / "s0_judged"])
     assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
 
 

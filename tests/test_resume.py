@@ -199,3 +199,27 @@ def test_line_search_forwards_are_charged_to_the_predict_phase(monkeypatch):
     budget = cb.engine.budget
     assert budget.run_seconds >= 1000.0 * forwards and budget.plain_step() < 1000.0
     assert budget.observe_seconds < 1000.0
+
+
+def judged_config():
+    cfg = eager_config()
+    cfg.judge.block = 8
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def reference_judged(tmp_path_factory):
+    return checkpointed_run(tmp_path_factory.mktemp("ckpts_judge"), judged_config())
+
+
+def test_resume_with_the_block_judge_reproduces_the_uninterrupted_run(reference_judged):
+    d, phases, final, ref_cb = reference_judged
+    judge = ref_cb.engine.judge
+    assert judge.groups_judged >= 2
+    # mid-group, after the first judged group: the tails of the group's blocks and the decisions come back
+    k = judge.start + 4 * judge.block + judge.block + 3
+    model, cb = resume(d / f"step={k}.ckpt", judged_config())
+    for a, b in zip(model.parameters(), final):
+        assert torch.equal(a.detach(), b)
+    assert cb.engine.counters == ref_cb.engine.counters
+    assert cb.engine.judge.state_dict() == judge.state_dict()

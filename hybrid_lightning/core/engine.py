@@ -41,6 +41,7 @@ from hybrid_lightning.core.dynamics import (
     make_dynamics,
     predict_y_steps,
 )
+from hybrid_lightning.core.judge import BlockJudge
 from hybrid_lightning.core.phases import (
     Phase,
     PhaseLimits,
@@ -154,6 +155,8 @@ class HybridEngine:
         self.corrector = ResidualCorrector(L, K, cfg.corrector)
         self.monitor = DivergenceMonitor(cfg.divergence)
         self.bandit = LinUCB(cfg.horizons, cfg.bandit.alpha, cfg.bandit.ridge)
+        j = cfg.judge
+        self.judge = BlockJudge(cfg.warmup_steps, j.block, j.window, j.margin, j.exploit) if j.block else None
         self._line_search = bool(cfg.line_search) and isinstance(self.dynamics, ParameterDynamics)
         self.phase_state: PhaseState = initial_state(self.limits)
         self.step = 0
@@ -188,7 +191,7 @@ class HybridEngine:
             "real_steps": 0, "predicted_steps": 0, "skipped_steps": 0, "phases": 0, "kept": 0, "rollbacks": 0,
             "corrections_tried": 0, "corrections_kept": 0, "probe_forwards": 0, "monitor_forwards": 0,
             "divergence_events": 0, "dormant_steps": 0, "dormant_periods": 0, "refused": 0, "confirm_rollbacks": 0,
-            "budget_extensions": 0,
+            "budget_extensions": 0, "judged_groups": 0, "judge_vetoes": 0,
         }
         self._refused_in_row = 0  # line search: phases refused in a row (enough of them start a cooldown)
         self.last_phase_result: PhaseResult | None = None
@@ -244,8 +247,8 @@ class HybridEngine:
 
     def _may_read_late(self) -> bool:
         """This step and the next only monitor, so nothing decided before the next step needs its values."""
-        if self.config.idle_read_every <= 1 or self.phase_state.phase is not Phase.FULL:
-            return False
+        if self.config.idle_read_every <= 1 or self.phase_state.phase is not Phase.FULL or self.judge is not None:
+            return False  # (the judge needs each loss at its step)
         if not self.prediction_enabled:
             return True
         return self.dormant and self.step + 1 < self._dormant_until  # the waking step reads everything
@@ -270,6 +273,8 @@ class HybridEngine:
                              "forwards": 0}
         self.counters["phases"] += 1
         self._awake_since = self.step
+        if self.judge is not None:
+            self.judge.phase_started(self.step)
 
     def _begin_with_line_search(self, probe: Probe) -> PhaseResult | None:
         """Start the Predict phase now, with the predicted displacement scaled by the step length of
@@ -362,6 +367,11 @@ class HybridEngine:
             self._events.append(div.error)
             self.counters["divergence_events"] += 1
         alarm = div.alarm
+        if self.judge is not None:
+            if plan.phase is not Phase.PREDICT and not obs.skipped and obs.loss is not None:
+                self.judge.record(self.step, float(obs.loss))
+            self.judge.end_step(self.step)
+            self.counters["judged_groups"], self.counters["judge_vetoes"] = self.judge.groups_judged, self.judge.vetoes
         self.step += 1
 
         if plan.phase is Phase.PREDICT:
@@ -576,6 +586,8 @@ class HybridEngine:
             cap = self._horizon_cap
             if self.step_limit is not None:
                 cap = min(cap, self.step_limit - self.step)  # predicted steps self.step .. self.step + h - 1
+            if self.judge is not None:  # only inside a J block, and not on into the next block
+                cap = min(cap, self.judge.steps_left(self.step)) if self.judge.may_predict(self.step) else 0
             if self.step >= self._cooldown_until and cap > 0:
                 horizon = self.bandit.choose(self.state.features(), cap, prefer_long=self._line_search)
         return next_phase(ps, self.step, conf, alarm, horizon, self.limits)
@@ -787,6 +799,7 @@ class HybridEngine:
             "corrector": self.corrector.state_dict(),
             "monitor": self.monitor.state_dict(),
             "bandit": self.bandit.state_dict(),
+            "judge": None if self.judge is None else self.judge.state_dict(),
         }
 
     def _late_as_floats(self) -> list[list[Any]]:
@@ -807,6 +820,10 @@ class HybridEngine:
         self.corrector.load_state_dict(sd["corrector"])
         self.monitor.load_state_dict(sd["monitor"])
         self.bandit.load_state_dict(sd["bandit"])
+        judge = sd.get("judge")
+        # else (the judge just switched on, or its blocks changed): it judges afresh from here
+        if self.judge is not None and judge is not None and judge["schedule"] == [self.judge.start, self.judge.block]:
+            self.judge.load_state_dict(judge)
         self.state.load_state_dict(sd["state"])
         if "budget" in sd:  # absent from states written before the budget existed: timed afresh
             self.budget.load_state_dict(sd["budget"])

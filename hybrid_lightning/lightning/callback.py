@@ -392,6 +392,8 @@ class HybridPredictiveTraining(Callback):
         }
         if loss is not None:
             values["hybrid/actual_loss"] = loss
+        if self.engine.judge is not None:  # 1 while the block judge lets J blocks predict
+            values["hybrid/judge_on"] = float(self.engine.judge.predicting)
         r = report.phase_result
         if r is not None:
             values.update({
@@ -484,6 +486,7 @@ class HybridPredictiveTraining(Callback):
         r.dormant_steps = c["dormant_steps"]
         r.budget_extensions = c["budget_extensions"]
         r.confirm_rollbacks = c["confirm_rollbacks"]
+        r.judged_groups, r.judge_vetoes = c["judged_groups"], c["judge_vetoes"]
         r.observe_share = e.budget.share
         vals = self._metrics.values()
         r.mean_abs_residual, r.mean_value = vals["mean_abs_residual"], vals["mean_value"]

@@ -87,6 +87,8 @@ class HybridReport:
     probe_forwards: int = 0
     dormant_steps: int = 0  # real steps with the dynamics model asleep (no Predict phase for a long time)
     budget_extensions: int = 0  # times a dormant period was lengthened by bandit.overhead_budget (can repeat)
+    judged_groups: int = 0  # judge.block: J N N J groups judged
+    judge_vetoes: int = 0  # ... after which the judge switched prediction off
     observe_share: float = float("nan")  # measured: observation time above a plain step / all step time
     mean_abs_residual: float = float("nan")
     mean_value: float = float("nan")  # q: loss progress per predicted step relative to a real one
@@ -163,6 +165,7 @@ class HybridReport:
             f"dormant (monitor-only) steps   : {self.dormant_steps}"
             f"  (lengthened by the overhead budget: {self.budget_extensions} times)",
             f"observation time / step time   : {fmt(self.observe_share)}  (measured wall-clock)",
+            f"block judge: groups / vetoes   : {self.judged_groups} / {self.judge_vetoes}",
         ]
         return "\n".join(lines)
 

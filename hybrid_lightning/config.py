@@ -99,7 +99,7 @@ class JudgeConfig:
     block: int = 0  # steps per block after warmup, in groups J N N J; phases run only in J blocks (0: off)
     window: int = 4  # judged groups whose mean d decides; too low: no phase for 1, 2, 4 .. 32 groups
     margin: float = 0.5  # too low: mean d < -margin x the N blocks' progress (0.5: the J blocks made none)
-    exploit: bool = False  # mean d >= 0: the next 1, 2, 4 .. 32 groups are J J J J, then J N N J again
+    exploit: bool = True  # mean d >= 0: the next 1, 2, 4 .. 32 groups are J J J J, then J N N J again
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +37,8 @@ def test_schedule_is_j_n_n_j_from_start_and_phases_stay_inside_their_block():
 
 
 def test_a_linear_trend_is_judged_zero_and_prediction_goes_on():
-    j = BlockJudge(start=8, block=8)  # steps 0..7: the block before start, whose end starts the first group
+    # steps 0..7: the block before start, whose end starts the first group; J N N J tests only
+    j = BlockJudge(start=8, block=8, exploit=False)
     ds = drive(j, [10.0 - 0.1 * s for s in range(8 + 96)])
     assert len(ds) == 3 and all(abs(d) < 1e-9 for d in ds)
     assert j.predicting and all(j.may_predict(s) for s in (104, 111))
@@ -48,7 +50,7 @@ def test_jumps_that_lower_the_loss_have_positive_d():
     for s in range(8 + 64):
         level -= 0.1 + (0.125 if s >= 8 and "JNNJ"[(s - 8) // 8 % 4] == "J" else 0.0)
         losses.append(level)
-    j = BlockJudge(start=8, block=8)
+    j = BlockJudge(start=8, block=8, exploit=False)
     ds = drive(j, losses)
     # a block's end is the mean of its last 2 steps: a boundary step of the neighbouring block leaks in
     assert ds == pytest.approx([1.0, 1.0], abs=0.1) and j.predicting and j.vetoes == 0
@@ -135,11 +137,11 @@ def test_config_accepts_0_or_at_least_4_steps():
             HybridConfig.from_dict({"judge": bad})
 
 
-def judged_config(block=12):
+def judged_config(block=12, exploit=False):
     cfg = eager_config()
     cfg.min_full_steps, cfg.max_predict_steps = 2, 6
     cfg.bandit.cooldown_steps = 0
-    cfg.judge.block = block
+    cfg.judge.block, cfg.judge.exploit = block, exploit
     return cfg.validate()
 
 
@@ -159,21 +161,26 @@ def test_engine_predicts_only_inside_j_blocks():
     assert any("JNNJ"[(s - 10) // 12 % 4] == "N" for s, p in enumerate(res.phases) if p == "PREDICT" and s >= 10)
 
 
-def test_engine_with_judge_resumes_exactly():
-    cfg = judged_config()
+@pytest.mark.parametrize("exploit", [False, True])
+def test_engine_with_judge_resumes_exactly_from_any_step(exploit):
+    # confirm_batches 0: the confirmation's probes hold batches and are not checkpointed (test_engine)
+    cfg = judged_config(exploit=exploit)
+    cfg.divergence.confirm_batches = 0
     model, opt, engine = make(config=cfg)
     ref = run(model, opt, engine, 0, 200)
     expected, ref_judge = params_of(model), engine.judge.state_dict()
-    m1, o1, e1 = make(config=cfg)
-    run(m1, o1, e1, 0, 77)
-    saved = _save_load(e1, m1, o1)
-    m2, o2, e2 = make(seed=99, config=cfg)
-    m2.load_state_dict(saved["model"])
-    o2.load_state_dict(saved["opt"])
-    e2.load_state_dict(saved["engine"])
-    res = run(m2, o2, e2, 77, 200)
-    assert res.phases == ref.phases[77:] and e2.judge.state_dict() == ref_judge
-    assert all((a == b).all() for a, b in zip(params_of(m2), expected))
+    assert engine.judge.groups_judged >= 1 and (ref_judge["on"][0] > 0) is exploit  # resumed across J J J J groups
+    for cut in range(11, 200, 7):
+        m1, o1, e1 = make(config=cfg)
+        run(m1, o1, e1, 0, cut)
+        saved = _save_load(e1, m1, o1)
+        m2, o2, e2 = make(seed=99, config=cfg)
+        m2.load_state_dict(saved["model"])
+        o2.load_state_dict(saved["opt"])
+        e2.load_state_dict(saved["engine"])
+        res = run(m2, o2, e2, cut, 200)
+        assert res.phases == ref.phases[cut:] and e2.judge.state_dict() == ref_judge, cut
+        assert all(torch.equal(a, b) for a, b in zip(params_of(m2), expected)), cut
 
 
 def test_a_resumed_engine_whose_judge_blocks_changed_judges_afresh():

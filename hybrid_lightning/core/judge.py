@@ -29,7 +29,7 @@ MAX_OFF = 32
 
 
 class BlockJudge:
-    def __init__(self, start: int, block: int, window: int = 4, margin: float = 0.5, exploit: bool = False) -> None:
+    def __init__(self, start: int, block: int, window: int = 4, margin: float = 0.5, exploit: bool = True) -> None:
         if block < 4:
             raise ValueError(f"block must be >= 4 steps, got {block}")
         if window < 1:

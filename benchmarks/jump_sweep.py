@@ -4,6 +4,7 @@
     python -m benchmarks.jump_sweep --points 12:8 48:32 --seed 1 --workloads mlp cnn
     python -m benchmarks.jump_sweep --regime low_lr
     python -m benchmarks.jump_sweep --points 24:32 --judge 48     # under the block judge (judge.block = 48)
+    python -m benchmarks.jump_sweep --points 24:32 --after-jump zero_momentum  # first moment zeroed after jumps
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's
@@ -25,6 +26,7 @@ import yaml
 
 from benchmarks.regimes import REGIMES
 from benchmarks.time_to_loss import HERE, WORKLOADS, Run, load_spec, time_to, train
+from hybrid_lightning.config import AFTER_JUMP
 
 BASE_VARIANT = "drift_jump16_every24_unguarded"
 
@@ -38,11 +40,13 @@ def point(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected K:gain like 24:16, got {text!r}") from None
 
 
-def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False, judge: int = 0) -> dict:
+def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False, judge: int = 0,
+                after_jump: str = "keep") -> dict:
     """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
     after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such
     variant; ``guarded``: the default guard judges every jump on its probe batch and rolls back the ones
-    that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none)."""
+    that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none; ``after_jump``: what the
+    optimizer state does after a kept jump)."""
     base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
     if guarded:
         del base["divergence"]
@@ -51,11 +55,14 @@ def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bo
         base.update(warmup_steps=10, dynamics={**base["dynamics"], "drift_span": 2})
     if judge:
         base["judge"] = {"block": judge}
+    if after_jump != "keep":
+        base["after_jump"] = after_jump
     return base
 
 
-def kind(guarded: bool, judge: int) -> str:
-    return ("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps" if judge else "")
+def kind(guarded: bool, judge: int, after_jump: str = "keep") -> str:
+    return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps" if judge else "")
+            + ("" if after_jump == "keep" else f", optimizer state after a jump: {after_jump}"))
 
 
 def row(label: str, run: Run, baseline: Run) -> dict:
@@ -66,8 +73,9 @@ def row(label: str, run: Run, baseline: Run) -> dict:
             "speedup": t_base / t_run if t_run else None}
 
 
-def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False, judge: int = 0) -> str:
-    lines = [f"Seed {seed}, regime {regime}, jumps {kind(guarded, judge)}; final val loss (change "
+def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False, judge: int = 0,
+          after_jump: str = "keep") -> str:
+    lines = [f"Seed {seed}, regime {regime}, jumps {kind(guarded, judge, after_jump)}; final val loss (change "
              "against plain training), jumps kept / rolled back, and one repeat's wall-clock to plain training's "
              "final val.", "",
              "| workload | K:gain | final val | vs plain | kept / rolled back | to plain's final val |",
@@ -89,8 +97,8 @@ def summarize(dirs: list[Path]) -> str:
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
         if sweeps and _setup(s) != _setup(sweeps[0]):
-            raise SystemExit(f"{d}: another regime, guard or judge than {dirs[0]}; summarize one kind of sweep at a "
-                             "time")
+            raise SystemExit(f"{d}: another regime, guard, judge or after-jump state than {dirs[0]}; summarize one "
+                             "kind of sweep at a time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
@@ -101,7 +109,7 @@ def summarize(dirs: list[Path]) -> str:
             if len(set(plain)) > 1:  # training is deterministic: another plain run means another setup
                 raise SystemExit(f"{d}: plain training of seed {s['seed']} ended elsewhere ({plain}) on {name}")
             have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
-    guard = kind(sweeps[0].get("guarded", False), sweeps[0].get("judge", 0))
+    guard = kind(*_setup(sweeps[0])[1:])
     lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {sweeps[0]['regime']}, jumps {guard}; "
              "final val loss against plain training of the same seed.", "",
              "| workload | K:gain | final val per seed | vs plain per seed | mean |", "|---|---|---|---|---|"]
@@ -120,7 +128,7 @@ def summarize(dirs: list[Path]) -> str:
 
 
 def _setup(sweep: dict) -> tuple:
-    return sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0)
+    return sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep")
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    help="the default guard judges every jump on its probe batch (default: unguarded)")
     p.add_argument("--judge", type=int, default=0, metavar="BLOCK",
                    help="jumps only while the block judge (judge.block = BLOCK steps) lets them (default: no judge)")
+    p.add_argument("--after-jump", default="keep", choices=AFTER_JUMP,
+                   help="the optimizer state after a kept jump (config after_jump; default: keep)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -153,15 +163,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         rows = [row("plain", base, base)]
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
-            cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge)
+            cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge, args.after_jump)
             h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed)
             rows.append(row(f"{k}:{gain:g}", h, base))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
     (args.out / "jump_sweep.json").write_text(json.dumps({"seed": args.seed, "regime": args.regime,
                                                            "guarded": args.guarded, "judge": args.judge,
-                                                           "results": results}, indent=1))
-    md = table(results, args.seed, args.regime, args.guarded, args.judge)
+                                                           "after_jump": args.after_jump, "results": results},
+                                                          indent=1))
+    md = table(results, args.seed, args.regime, args.guarded, args.judge, args.after_jump)
     (args.out / "jump_sweep.md").write_text(md)
     print(md)
     return results

@@ -146,6 +146,18 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert a["backward_passes"] < judged["mlp"][1]["backward_passes"] < 60
     assert json.loads((tmp_path / "judged" / "jump_sweep.json").read_text())["judge"] == 4
     assert "block judge of 4 steps" in (tmp_path / "judged" / "jump_sweep.md").read_text()
+    assert "after_jump" not in cfg
+    assert jump_sweep.jump_config("mlp", 12, 8.0, after_jump="zero_momentum")["after_jump"] == "zero_momentum"
+    zeroed = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--after-jump", "zero_momentum",
+                              "--out", str(tmp_path / "zeroed")])
+    # the same jumps, then Adam's first moment zeroed after each: another trajectory, same plain run
+    assert zeroed["mlp"][0]["final_val"] == plain["final_val"]
+    assert zeroed["mlp"][1]["backward_passes"] == a["backward_passes"]
+    assert zeroed["mlp"][1]["final_val"] != a["final_val"]
+    assert json.loads((tmp_path / "zeroed" / "jump_sweep.json").read_text())["after_jump"] == "zero_momentum"
+    assert "optimizer state after a jump: zero_momentum" in (tmp_path / "zeroed" / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit, match="after-jump"):
+        jump_sweep.summarize([tmp_path, tmp_path / "zeroed"])
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
 

@@ -91,8 +91,8 @@ def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool 
 
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
-    seed, and their mean. All in one regime, guard and judge; sweeps of the same seed are merged (a point run twice:
-    the first)."""
+    seed, and their mean. All in one regime, guard, judge and after-jump state; sweeps of the same seed are
+    merged (a point run twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())

@@ -100,6 +100,7 @@ class JudgeConfig:
     window: int = 4  # judged groups whose mean d decides; too low: no phase for 1, 2, 4 .. 32 groups
     margin: float = 0.5  # too low: mean d < -margin x the N blocks' progress (0.5: the J blocks made none)
     exploit: bool = True  # mean d >= 0: the next 1, 2, 4 .. 32 groups are J J J J, then J N N J again
+    start_scale: float = 1.0  # first tests jump this x the predicted displacement, x2 per mean d >= 0 (1: no ramp)
 
 
 @dataclass
@@ -259,6 +260,10 @@ class HybridConfig:
                             "stands for its end)")
         c.int_range("judge.window", j.window, 1, 1_000)
         c.float_range("judge.margin", j.margin, 0.0, 100.0)
+        c.float_range("judge.start_scale", j.start_scale, 0.0, 1.0, lo_open=True)
+        if j.block and j.start_scale != 1 and self.predictor not in PARAMETER_PREDICTORS:
+            problems.append(f"judge.start_scale = {j.start_scale} scales a predicted displacement, which predictor "
+                            f"{self.predictor!r} does not make: use one of {', '.join(PARAMETER_PREDICTORS)}, or 1")
 
         b = self.bandit
         if b.arms is not None:

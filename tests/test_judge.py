@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from hybrid_lightning import ConfigError, HybridConfig
 from hybrid_lightning.core.judge import BlockJudge
+from hybrid_lightning.core.predictors import NullPredictor
 from tests.test_engine import _save_load, eager_config, make, params_of, run
 
 
@@ -105,6 +106,96 @@ def test_harmful_jumps_switch_prediction_off_for_1_2_4_groups():
     assert j.vetoes == 4 and not j.predicting
 
 
+def ramp_run(j: BlockJudge, paying: bool, groups: int) -> list[tuple[str, float]]:
+    """Blocks of 4 steps from step 4, a phase at each J block's start; J blocks make twice the progress (or
+    lose as much as the others make). -> per group: its pattern, and the scale each of its phases moved."""
+    level, out = 10.0, []
+    for s in range(4 + 16 * groups):
+        if s >= 4 and (s - 4) % 16 == 0:
+            out.append(("".join("J" if j.may_predict(s + 4 * k) else "N" for k in range(4)), []))
+        if s >= 4 and (s - 4) % 4 == 0 and j.may_predict(s):
+            j.phase_started(s)
+            out[-1][1].append(j.scale(s))
+        jumping = s >= 4 and j.may_predict(s)
+        level += (-0.2 if paying else 0.1) if jumping else -0.1
+        j.record(s, level)
+        j.end_step(s)
+    return [(pattern, sorted(set(scales))) for pattern, scales in out]
+
+
+def test_the_ramp_doubles_the_scale_of_each_test_that_pays_and_exploits_only_a_tested_scale():
+    j = BlockJudge(start=4, block=4, start_scale=0.125)
+    assert j.scale(0) == 0.125  # before start too: a phase there is not judged by anything
+    groups = ramp_run(j, paying=True, groups=12)
+    assert groups == [("JNNJ", [0.125]), ("JJJJ", [0.125]), ("JNNJ", [0.25]), ("JJJJ", [0.25]), ("JJJJ", [0.25]),
+                      ("JNNJ", [0.5])] + [("JJJJ", [0.5])] * 4 + [("JNNJ", [1.0]), ("JJJJ", [1.0])]
+    assert j.vetoes == 0
+
+
+def test_the_ramp_halves_the_scale_after_a_veto_down_to_its_start():
+    j = BlockJudge(start=4, block=4, window=1, start_scale=0.25)
+    j._trial = 1.0  # as if earlier tests had paid
+    groups = ramp_run(j, paying=False, groups=12)
+    tested = [scales[0] for pattern, scales in groups if pattern == "JNNJ"]
+    assert tested == [1.0, 0.5, 0.25, 0.25] and j.vetoes == 4
+    assert all(pattern == "NNNN" for pattern, _ in groups if pattern != "JNNJ")
+
+
+def test_a_judge_state_from_before_the_ramp_resumes_at_the_whole_displacement():
+    old = BlockJudge(start=4, block=4)
+    ramp_run(old, paying=True, groups=3)
+    sd = old.state_dict()
+    del sd["scale"]
+    j = BlockJudge(start=4, block=4, start_scale=0.25)
+    j.load_state_dict(sd)
+    assert j.scale(4 + 16 * 3) == 1.0
+
+
+def test_without_the_ramp_every_phase_moves_the_whole_displacement():
+    j = BlockJudge(start=4, block=4)
+    for paying in (True, False):
+        assert {x for _, scales in ramp_run(j, paying, groups=8) for x in scales} == {1.0}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0), min_size=40, max_size=300), st.sampled_from([0.125, 0.25, 1.0]))
+def test_the_ramp_scale_stays_a_power_of_two_between_its_start_and_1(losses, start_scale):
+    j = BlockJudge(2, 4, window=2, start_scale=start_scale)
+    levels = {start_scale * 2 ** k for k in range(4) if start_scale * 2 ** k <= 1}
+    seen = set()
+    for step, loss in enumerate(losses):
+        seen.add(j.scale(step))
+        if step % 3 == 0 and j.may_predict(step):
+            j.phase_started(step)
+        j.record(step, loss)
+        j.end_step(step)
+    assert seen <= levels
+
+
+class FixedStep(NullPredictor):
+    """Predicts the same displacement every time: 0.01 on every parameter."""
+
+    def predict_displacement(self, trajectory, steps):
+        return torch.full_like(trajectory.current, 0.01)
+
+
+@pytest.mark.parametrize("start_scale", [1.0, 0.25])
+def test_engine_moves_the_judges_scale_of_the_predicted_displacement(start_scale):
+    cfg = judged_config(exploit=True)
+    cfg.max_predict_steps, cfg.bandit.arms = 1, [0, 1]
+    cfg.divergence.rollback_tolerance, cfg.corrector.weight_correction = 10.0, False
+    cfg.judge.start_scale, cfg.predictor = start_scale, "null"  # the name validates; FixedStep predicts
+    model, opt, engine = make(config=cfg.validate(), dynamics=FixedStep(4, 1))  # 4 tensors, basis rank 1
+    moves = []
+    for s in range(200):
+        before = params_of(model)
+        phase = run(model, opt, engine, s, s + 1).phases[0]
+        if phase == "PREDICT":
+            moves.append({round(float(x), 6) for a, b in zip(params_of(model), before) for x in (a - b).flatten()})
+    assert moves and all(m == {round(0.01 * engine.judge.scale(0), 6)} for m in moves[:2]), moves
+    assert engine.judge.start_scale == start_scale
+
+
 def test_a_group_without_a_phase_or_with_unseen_block_ends_is_not_judged():
     j = BlockJudge(start=8, block=8)
     ds = drive(j, [10.0 - 0.1 * s for s in range(40)], jumps=set())
@@ -115,15 +206,15 @@ def test_a_group_without_a_phase_or_with_unseen_block_ends_is_not_judged():
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.floats(0.0, 10.0), min_size=40, max_size=160), st.integers(0, 159), st.integers(4, 12),
-       st.integers(1, 3))
-def test_state_dict_resumes_the_judge_exactly(losses, cut, block, window):
+       st.integers(1, 3), st.sampled_from([1.0, 0.25]))
+def test_state_dict_resumes_the_judge_exactly(losses, cut, block, window, start_scale):
     cut = min(cut, len(losses))
     jumps = set(range(0, 200, 3))
-    ref = BlockJudge(2, block, window)
+    ref = BlockJudge(2, block, window, start_scale=start_scale)
     expected = drive(ref, losses, jumps=jumps)
-    a = BlockJudge(2, block, window)
+    a = BlockJudge(2, block, window, start_scale=start_scale)
     first = drive(a, losses[:cut], jumps=jumps)
-    b = BlockJudge(2, block, window)
+    b = BlockJudge(2, block, window, start_scale=start_scale)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     rest = drive(b, losses[cut:], start_step=cut, jumps=jumps)
     assert first + rest == expected
@@ -132,7 +223,11 @@ def test_state_dict_resumes_the_judge_exactly(losses, cut, block, window):
 
 def test_config_accepts_0_or_at_least_4_steps():
     assert HybridConfig.from_dict({"judge": {"block": 48}}).judge.block == 48
-    for bad in ({"block": 2}, {"block": -1}, {"window": 0}):
+    ramp = {"predictor": "drift", "judge": {"block": 48, "start_scale": 0.125}}
+    assert HybridConfig.from_dict(ramp).judge.start_scale == 0.125
+    with pytest.raises(ConfigError, match="start_scale"):  # the default predictor moves no displacement to scale
+        HybridConfig.from_dict({"judge": {"block": 48, "start_scale": 0.125}})
+    for bad in ({"block": 2}, {"block": -1}, {"window": 0}, {"start_scale": 0.0}, {"start_scale": 1.5}):
         with pytest.raises(ConfigError, match="judge"):
             HybridConfig.from_dict({"judge": bad})
 

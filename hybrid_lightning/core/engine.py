@@ -156,7 +156,8 @@ class HybridEngine:
         self.monitor = DivergenceMonitor(cfg.divergence)
         self.bandit = LinUCB(cfg.horizons, cfg.bandit.alpha, cfg.bandit.ridge)
         j = cfg.judge
-        self.judge = BlockJudge(cfg.warmup_steps, j.block, j.window, j.margin, j.exploit) if j.block else None
+        self.judge = (BlockJudge(cfg.warmup_steps, j.block, j.window, j.margin, j.exploit, j.start_scale)
+                      if j.block else None)
         self._line_search = bool(cfg.line_search) and isinstance(self.dynamics, ParameterDynamics)
         self.phase_state: PhaseState = initial_state(self.limits)
         self.step = 0
@@ -269,6 +270,9 @@ class HybridEngine:
         self._displacement = None
         if isinstance(self.dynamics, ParameterDynamics):
             self._displacement = self.dynamics.predict_displacement(self.trajectory, ps.horizon)
+            scale = 1.0 if self.judge is None else self.judge.scale(self.step)
+            if self._displacement is not None and scale != 1.0:
+                self._displacement = self._displacement.mul(scale)  # not in place: it may be the predictor's own
         self._phase_start = {"step": self.step, "horizon": ps.horizon, "features": features, "loss0": loss0,
                              "forwards": 0}
         self.counters["phases"] += 1

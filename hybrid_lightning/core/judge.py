@@ -14,6 +14,11 @@ doubling (up to 32) each time the judge says no in a row, and then a J N N J gro
 ``exploit``, a mean d >= 0 (the J blocks at least as fast as the others) makes the next ``on`` groups J J J J
 (phases anywhere), ``on`` doubling likewise, before the next J N N J group.
 
+With ``start_scale`` < 1 the judge also ramps the jump: a test group's phases move ``scale`` x the predicted
+displacement, starting at ``start_scale``. A mean d >= 0 doubles the scale for the next test (up to 1), and
+the J J J J groups it earns move the scale just judged; a veto halves it (down to ``start_scale``). So a
+workload that large jumps harm pays for small test jumps only, and a scale is exploited only once tested.
+
 Its decisions depend only on the step indices and the observed losses, so they are deterministic,
 identical on every process, and resume exactly from ``state_dict()``.
 """
@@ -29,15 +34,19 @@ MAX_OFF = 32
 
 
 class BlockJudge:
-    def __init__(self, start: int, block: int, window: int = 4, margin: float = 0.5, exploit: bool = True) -> None:
+    def __init__(self, start: int, block: int, window: int = 4, margin: float = 0.5, exploit: bool = True,
+                 start_scale: float = 1.0) -> None:
         if block < 4:
             raise ValueError(f"block must be >= 4 steps, got {block}")
         if window < 1:
             raise ValueError(f"window must be >= 1 group, got {window}")
         if not margin >= 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
+        if not 0 < start_scale <= 1:
+            raise ValueError(f"start_scale must be in (0, 1], got {start_scale}")
         self.start, self.block, self.window, self.margin = int(start), int(block), int(window), float(margin)
-        self.exploit = bool(exploit)
+        self.exploit, self.start_scale = bool(exploit), float(start_scale)
+        self._trial = self._tested = self.start_scale  # the scale of test groups; of the J J J J groups
         self.tail = max(1, block // 4)
         self._tails: dict[int, list[float]] = {}  # block index (-1: the one before start) -> [loss sum, count]
         self.d: list[float] = []  # the last ``window`` judged groups' d, oldest first
@@ -66,6 +75,12 @@ class BlockJudge:
         if step < self.start:
             return self.start - step + self.block  # the first block is J
         return self.block - (step - self.start) % self.block
+
+    def scale(self, step: int) -> float:
+        """The share of the predicted displacement a phase starting at ``step`` moves."""
+        if step < self.start:
+            return self.start_scale
+        return self._tested if self._block_of(step) // 4 < self._on_until else self._trial
 
     @property
     def predicting(self) -> bool:
@@ -110,6 +125,8 @@ class BlockJudge:
         self.groups_judged += 1
         if self.predicting:
             self._off_len = 1
+            if statistics.fmean(self.d) >= 0:
+                self._tested, self._trial = self._trial, min(2 * self._trial, 1.0)
             if self.exploit and statistics.fmean(self.d) >= 0:
                 self._on_until = g + 1 + self._on_len
                 self._on_len = min(2 * self._on_len, MAX_OFF)
@@ -117,6 +134,7 @@ class BlockJudge:
                 self._on_len = 1
         else:
             self._on_len = 1
+            self._trial = max(self._trial / 2, self.start_scale)
             self._off_until = g + 1 + self._off_len
             self._off_len = min(2 * self._off_len, MAX_OFF)
             self.vetoes += 1
@@ -128,7 +146,7 @@ class BlockJudge:
                 "tails": [[b, s, n] for b, (s, n) in sorted(self._tails.items())], "d": list(self.d),
                 "n_progress": list(self.n_progress),
                 "off": [self._off_until, self._off_len], "on": [self._on_until, self._on_len], "phases": self._phases,
-                "counts": [self.groups_judged, self.vetoes]}
+                "counts": [self.groups_judged, self.vetoes], "scale": [self._trial, self._tested]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         tails = {int(b): [float(s), int(n)] for b, s, n in sd["tails"]}
@@ -142,3 +160,6 @@ class BlockJudge:
         self._tails, self.d, self.n_progress, self._off_until, self._off_len = tails, d, n_progress, off_until, off_len
         self._phases, self.groups_judged, self.vetoes = int(sd["phases"]), judged, vetoes
         self._on_until, self._on_len = on_until, on_len
+        # no "scale": saved before the ramp existed, when every jump moved all of it; another start_scale: clamped
+        trial, tested = (min(max(float(x), self.start_scale), 1.0) for x in sd.get("scale", [1.0, 1.0]))
+        self._trial, self._tested = trial, tested

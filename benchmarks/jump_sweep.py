@@ -4,7 +4,9 @@
     python -m benchmarks.jump_sweep --points 12:8 48:32 --seed 1 --workloads mlp cnn
     python -m benchmarks.jump_sweep --regime low_lr
     python -m benchmarks.jump_sweep --points 24:32 --judge 48     # under the block judge (judge.block = 48)
+    python -m benchmarks.jump_sweep --points 24:32 --judge 48 --judge-start-scale 0.125  # ... ramping the gain
     python -m benchmarks.jump_sweep --points 24:32 --after-jump zero_momentum  # first moment zeroed after jumps
+    python -m benchmarks.jump_sweep --points 24:32 --start 0.5    # jumps only in the second half (--until 0.5: first)
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's
@@ -25,7 +27,7 @@ import torch
 import yaml
 
 from benchmarks.regimes import REGIMES
-from benchmarks.time_to_loss import HERE, WORKLOADS, Run, load_spec, time_to, train
+from benchmarks.time_to_loss import HERE, WORKLOADS, PredictUntil, Run, load_spec, time_to, train
 from hybrid_lightning.config import AFTER_JUMP
 
 BASE_VARIANT = "drift_jump16_every24_unguarded"
@@ -41,12 +43,12 @@ def point(text: str) -> tuple[int, float]:
 
 
 def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False, judge: int = 0,
-                after_jump: str = "keep") -> dict:
+                after_jump: str = "keep", start_scale: float = 1.0) -> dict:
     """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
     after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such
     variant; ``guarded``: the default guard judges every jump on its probe batch and rolls back the ones
-    that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none; ``after_jump``: what the
-    optimizer state does after a kept jump)."""
+    that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none, and ``start_scale`` its
+    ``judge.start_scale``; ``after_jump``: what the optimizer state does after a kept jump)."""
     base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
     if guarded:
         del base["divergence"]
@@ -54,15 +56,18 @@ def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bo
     if quick:
         base.update(warmup_steps=10, dynamics={**base["dynamics"], "drift_span": 2})
     if judge:
-        base["judge"] = {"block": judge}
+        base["judge"] = {"block": judge} if start_scale == 1 else {"block": judge, "start_scale": start_scale}
     if after_jump != "keep":
         base["after_jump"] = after_jump
     return base
 
 
-def kind(guarded: bool, judge: int, after_jump: str = "keep") -> str:
-    return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps" if judge else "")
-            + ("" if after_jump == "keep" else f", optimizer state after a jump: {after_jump}"))
+def kind(guarded: bool, judge: int, after_jump: str = "keep", start_scale: float = 1.0,
+         window: tuple[float, float] = (0.0, 1.0)) -> str:
+    ramp = f" ramping the gain from {start_scale:g} of it" if judge and start_scale != 1 else ""
+    return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps{ramp}" if judge else "")
+            + ("" if after_jump == "keep" else f", optimizer state after a jump: {after_jump}")
+            + ("" if tuple(window) == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run"))
 
 
 def row(label: str, run: Run, baseline: Run) -> dict:
@@ -74,8 +79,9 @@ def row(label: str, run: Run, baseline: Run) -> dict:
 
 
 def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False, judge: int = 0,
-          after_jump: str = "keep") -> str:
-    lines = [f"Seed {seed}, regime {regime}, jumps {kind(guarded, judge, after_jump)}; final val loss (change "
+          after_jump: str = "keep", start_scale: float = 1.0, window: tuple[float, float] = (0.0, 1.0)) -> str:
+    jumps = kind(guarded, judge, after_jump, start_scale, window)
+    lines = [f"Seed {seed}, regime {regime}, jumps {jumps}; final val loss (change "
              "against plain training), jumps kept / rolled back, and one repeat's wall-clock to plain training's "
              "final val.", "",
              "| workload | K:gain | final val | vs plain | kept / rolled back | to plain's final val |",
@@ -97,8 +103,8 @@ def summarize(dirs: list[Path]) -> str:
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
         if sweeps and _setup(s) != _setup(sweeps[0]):
-            raise SystemExit(f"{d}: another regime, guard, judge or after-jump state than {dirs[0]}; summarize one "
-                             "kind of sweep at a time")
+            raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state or window than {dirs[0]}; "
+                             "summarize one kind of sweep at a time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
@@ -128,7 +134,8 @@ def summarize(dirs: list[Path]) -> str:
 
 
 def _setup(sweep: dict) -> tuple:
-    return sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep")
+    return (sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep"),
+            sweep.get("judge_start_scale", 1.0), tuple(sweep.get("window", (0.0, 1.0))))
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
@@ -142,8 +149,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    help="the default guard judges every jump on its probe batch (default: unguarded)")
     p.add_argument("--judge", type=int, default=0, metavar="BLOCK",
                    help="jumps only while the block judge (judge.block = BLOCK steps) lets them (default: no judge)")
+    p.add_argument("--judge-start-scale", type=float, default=1.0, metavar="S",
+                   help="with --judge: its first tests jump S x the gain, x2 per good verdict (default 1)")
     p.add_argument("--after-jump", default="keep", choices=AFTER_JUMP,
                    help="the optimizer state after a kept jump (config after_jump; default: keep)")
+    p.add_argument("--start", type=float, default=0.0, metavar="F",
+                   help="no jump (and no judge) before F x the run's steps (default: after the variant's warmup)")
+    p.add_argument("--until", type=float, default=1.0, metavar="F",
+                   help="no jump after F x the run's steps (default 1: to the end)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -156,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
+    window = (args.start, args.until)
+
+    def until(cb):  # a hybrid run's extra callbacks
+        return [PredictUntil(cb, args.until)] if args.until < 1 else []
+
     for name in args.workloads:
         spec = load_spec(name, args)
         n, lr = spec["steps"], spec["lr"]
@@ -163,16 +181,23 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         rows = [row("plain", base, base)]
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
-            cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge, args.after_jump)
-            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed)
+            cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge, args.after_jump,
+                              args.judge_start_scale)
+            if args.start:
+                cfg["warmup_steps"] = max(cfg.get("warmup_steps", 0), round(args.start * n))
+            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed, extra_callbacks=until)
             rows.append(row(f"{k}:{gain:g}", h, base))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
     (args.out / "jump_sweep.json").write_text(json.dumps({"seed": args.seed, "regime": args.regime,
                                                            "guarded": args.guarded, "judge": args.judge,
-                                                           "after_jump": args.after_jump, "results": results},
+                                                           "after_jump": args.after_jump,
+                                                           "judge_start_scale": args.judge_start_scale,
+                                                           "window": window,
+                                                           "results": results},
                                                           indent=1))
-    md = table(results, args.seed, args.regime, args.guarded, args.judge, args.after_jump)
+    md = table(results, args.seed, args.regime, args.guarded, args.judge, args.after_jump, args.judge_start_scale,
+               window)
     (args.out / "jump_sweep.md").write_text(md)
     print(md)
     return results

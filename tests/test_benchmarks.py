@@ -158,6 +158,25 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert "optimizer state after a jump: zero_momentum" in (tmp_path / "zeroed" / "jump_sweep.md").read_text()
     with pytest.raises(SystemExit, match="after-jump"):
         jump_sweep.summarize([tmp_path, tmp_path / "zeroed"])
+    assert jump_sweep.jump_config("mlp", 12, 8.0, judge=48, start_scale=0.25)["judge"] == {"block": 48,
+                                                                                           "start_scale": 0.25}
+    ramped = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--judge", "4",
+                              "--judge-start-scale", "0.25", "--out", str(tmp_path / "ramped")])
+    assert ramped["mlp"][1]["final_val"] != judged["mlp"][1]["final_val"]  # smaller jumps: another trajectory
+    assert json.loads((tmp_path / "ramped" / "jump_sweep.json").read_text())["judge_start_scale"] == 0.25
+    assert "ramping the gain from 0.25 of it" in (tmp_path / "ramped" / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit, match="ramp"):
+        jump_sweep.summarize([tmp_path / "judged", tmp_path / "ramped"])
+    # jumps only in one half of the run: fewer than throughout, and the halves' skipped passes add up to its
+    halves = [jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", *w, "--out", str(tmp_path / d)])
+              for w, d in ((["--until", "0.5"], "first"), (["--start", "0.5"], "second"))]
+    skipped = [60 - h["mlp"][1]["backward_passes"] for h in halves]
+    assert all(0 < n < 60 - a["backward_passes"] for n in skipped)
+    assert abs(sum(skipped) - (60 - a["backward_passes"])) <= 2
+    assert json.loads((tmp_path / "second" / "jump_sweep.json").read_text())["window"] == [0.5, 1.0]
+    assert "only from 0 to 0.5 of the run" in (tmp_path / "first" / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit, match="window"):
+        jump_sweep.summarize([tmp_path / "first", tmp_path / "second"])
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
 

@@ -97,8 +97,8 @@ def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool 
 
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
-    seed, and their mean. All in one regime, guard, judge and after-jump state; sweeps of the same seed are
-    merged (a point run twice: the first)."""
+    seed, and their mean. All in one regime, guard, judge, ramp, after-jump state and window of the run; sweeps
+    of the same seed are merged (a point run twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     if args.summarize:
         print(summarize(args.summarize))
         return {}
+    if args.judge_start_scale != 1 and not args.judge:
+        p.error("--judge-start-scale ramps the block judge's jumps: it needs --judge BLOCK")
+    if not 0 <= args.start < args.until <= 1:
+        p.error(f"need 0 <= --start < --until <= 1, got {args.start:g} and {args.until:g}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}

@@ -179,6 +179,10 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
         jump_sweep.summarize([tmp_path / "first", tmp_path / "second"])
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
+    for bad in (["--judge-start-scale", "0.5"], ["--start", "0.6", "--until", "0.5"], ["--until", "1.5"]):
+        with pytest.raises(SystemExit):
+            jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", *bad, "--out", str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists()  # refused before anything ran
 
 
 def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_change(tmp_path):

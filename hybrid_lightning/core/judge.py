@@ -125,9 +125,10 @@ class BlockJudge:
         self.groups_judged += 1
         if self.predicting:
             self._off_len = 1
-            if statistics.fmean(self.d) >= 0:
+            pays = statistics.fmean(self.d) >= 0
+            if pays:
                 self._tested, self._trial = self._trial, min(2 * self._trial, 1.0)
-            if self.exploit and statistics.fmean(self.d) >= 0:
+            if self.exploit and pays:
                 self._on_until = g + 1 + self._on_len
                 self._on_len = min(2 * self._on_len, MAX_OFF)
             else:

@@ -62,12 +62,12 @@ def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bo
     return base
 
 
-def kind(guarded: bool, judge: int, after_jump: str = "keep", start_scale: float = 1.0,
-         window: tuple[float, float] = (0.0, 1.0)) -> str:
+def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window: tuple[float, float]) -> str:
+    """How the jumps of a sweep were run, from its ``_setup`` (less the regime)."""
     ramp = f" ramping the gain from {start_scale:g} of it" if judge and start_scale != 1 else ""
     return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps{ramp}" if judge else "")
             + ("" if after_jump == "keep" else f", optimizer state after a jump: {after_jump}")
-            + ("" if tuple(window) == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run"))
+            + ("" if window == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run"))
 
 
 def row(label: str, run: Run, baseline: Run) -> dict:
@@ -78,10 +78,10 @@ def row(label: str, run: Run, baseline: Run) -> dict:
             "speedup": t_base / t_run if t_run else None}
 
 
-def table(results: dict[str, list[dict]], seed: int, regime: str, guarded: bool = False, judge: int = 0,
-          after_jump: str = "keep", start_scale: float = 1.0, window: tuple[float, float] = (0.0, 1.0)) -> str:
-    jumps = kind(guarded, judge, after_jump, start_scale, window)
-    lines = [f"Seed {seed}, regime {regime}, jumps {jumps}; final val loss (change "
+def table(sweep: dict) -> str:
+    """One sweep (as written to ``jump_sweep.json``) as a markdown table."""
+    results, jumps = sweep["results"], kind(*_setup(sweep)[1:])
+    lines = [f"Seed {sweep['seed']}, regime {sweep['regime']}, jumps {jumps}; final val loss (change "
              "against plain training), jumps kept / rolled back, and one repeat's wall-clock to plain training's "
              "final val.", "",
              "| workload | K:gain | final val | vs plain | kept / rolled back | to plain's final val |",
@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
-    window = (args.start, args.until)
 
     def until(cb):  # a hybrid run's extra callbacks
         return [PredictUntil(cb, args.until)] if args.until < 1 else []
@@ -193,15 +192,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             rows.append(row(f"{k}:{gain:g}", h, base))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
-    (args.out / "jump_sweep.json").write_text(json.dumps({"seed": args.seed, "regime": args.regime,
-                                                           "guarded": args.guarded, "judge": args.judge,
-                                                           "after_jump": args.after_jump,
-                                                           "judge_start_scale": args.judge_start_scale,
-                                                           "window": window,
-                                                           "results": results},
-                                                          indent=1))
-    md = table(results, args.seed, args.regime, args.guarded, args.judge, args.after_jump, args.judge_start_scale,
-               window)
+    sweep = {"seed": args.seed, "regime": args.regime, "guarded": args.guarded, "judge": args.judge,
+             "after_jump": args.after_jump, "judge_start_scale": args.judge_start_scale,
+             "window": [args.start, args.until], "results": results}
+    (args.out / "jump_sweep.json").write_text(json.dumps(sweep, indent=1))
+    md = table(sweep)
     (args.out / "jump_sweep.md").write_text(md)
     print(md)
     return results

@@ -1,6 +1,6 @@
 """Do no harm: a predictor that is always wrong, against plain training, side by side.
 
-    python -m benchmarks.do_no_harm [--workloads mlp cnn] [--repeats 3]
+    python -m benchmarks.do_no_harm [--workloads mlp cnn] [--repeats 3] [--val-batches N]
 
 The hybrid run uses a test double that is always confident and always predicts 40 mean updates
 *backwards*. The guard must roll every phase back and the bandit must stop predicting, so the final
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.time_to_loss import HERE, Run, _say, train
+from benchmarks.time_to_loss import HERE, Run, _say, train, val_batches_arg
 from hybrid_lightning.core.dynamics import ConstantVelocity, Rollout
 
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--val-batches", type=val_batches_arg, default=None, metavar="N",
+                   help="validation batches per evaluation (default: the workload's; 32 is the CNN's whole val set)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.workloads:
         spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
         spec["_out"] = str(args.out)
+        if args.val_batches:
+            spec["val_batches"] = args.val_batches
         runs: list[Run] = []
         for rep in range(args.repeats):  # interleaved; repeat r uses seed r for both runs (paired)
             runs.append(train(spec, "baseline", spec["steps"], spec["lr"], rep, None, "cpu", seed=rep))

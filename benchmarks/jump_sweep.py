@@ -7,6 +7,8 @@
     python -m benchmarks.jump_sweep --points 24:32 --judge 48 --judge-start-scale 0.125  # ... ramping the gain
     python -m benchmarks.jump_sweep --points 24:32 --after-jump zero_momentum  # first moment zeroed after jumps
     python -m benchmarks.jump_sweep --points 24:32 --start 0.5    # jumps only in the second half (--until 0.5: first)
+    python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --val-batches 32  # the CNN's whole val set
+    python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --only-layers head.0  # the other layers unmoved
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's
@@ -25,10 +27,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
+from benchmarks.predictor_value import fixed_loss
 from benchmarks.regimes import REGIMES
-from benchmarks.time_to_loss import HERE, WORKLOADS, PredictUntil, Run, load_spec, time_to, train
-from hybrid_lightning.config import AFTER_JUMP
+from benchmarks.time_to_loss import HERE, WORKLOADS, PredictUntil, Run, load_spec, time_to, train, val_batches_arg
+from hybrid_lightning.config import AFTER_JUMP, HybridConfig
+from hybrid_lightning.core.predictors import Drift
 
 BASE_VARIANT = "drift_jump16_every24_unguarded"
 
@@ -62,18 +67,65 @@ def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bo
     return base
 
 
-def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window: tuple[float, float]) -> str:
+class LayerMaskedDrift(Drift):
+    """Research: the drift predictor's displacement in the parameters whose names start with one of ``prefixes``
+    only; the others stay where the real steps left them."""
+
+    def __init__(self, n_layers: int, rank: int, span: int, gain: float, prefixes: tuple[str, ...]) -> None:
+        super().__init__(n_layers, rank, span, gain)
+        self.prefixes = prefixes
+
+    def predict_displacement(self, trajectory, steps: int):
+        disp = super().predict_displacement(trajectory, steps)
+        if disp is None:
+            return None
+        keep = [name.startswith(self.prefixes) for name in trajectory.names]
+        if not any(keep):
+            raise ValueError(f"no parameter name starts with {' or '.join(self.prefixes)}: {trajectory.names}")
+        for view, k in zip(disp.split(trajectory.numels), keep):
+            if not k:
+                view.zero_()
+        return disp
+
+
+def masked_drift(cfg: dict, prefixes: list[str] | None):
+    """A ``dynamics_factory`` for ``train``: the drift predictor of ``cfg`` moving only ``prefixes``' layers."""
+    if not prefixes:
+        return None
+    dyn = HybridConfig.from_dict(cfg).dynamics
+    return lambda n_layers, rank: LayerMaskedDrift(n_layers, rank, dyn.drift_span, dyn.drift_gain, tuple(prefixes))
+
+
+def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window: tuple[float, float],
+         val_batches: int | None = None, only_layers: tuple[str, ...] = ()) -> str:
     """How the jumps of a sweep were run, from its ``_setup`` (less the regime)."""
     ramp = f" ramping the gain from {start_scale:g} of it" if judge and start_scale != 1 else ""
     return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps{ramp}" if judge else "")
             + ("" if after_jump == "keep" else f", optimizer state after a jump: {after_jump}")
-            + ("" if window == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run"))
+            + ("" if window == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run")
+            + ("" if val_batches is None else f", validation on {val_batches} batches per evaluation")
+            + ("" if not only_layers else f", moving only {' / '.join(only_layers)}"))
 
 
-def row(label: str, run: Run, baseline: Run) -> dict:
+class EndTrainLoss(Callback):
+    """At the end of fit, the model's mean loss on the first ``batches`` training batches: the same batches in
+    every run of a seed (a fresh loader, in the data module's seeded order), drawn without touching training's
+    random stream. Set against the final val loss, it tells faster training from better generalization."""
+
+    def __init__(self, batches: int = 32) -> None:
+        self.batches, self.value = batches, float("nan")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with torch.random.fork_rng():
+            batches = [b for _, b in zip(range(self.batches), trainer.datamodule.train_dataloader())]
+        self.value = fixed_loss(pl_module, batches)
+
+
+def row(label: str, run: Run, baseline: Run, train_loss: float | None = None) -> dict:
     target = baseline.final_val
     t_base, t_run = time_to(baseline.curve, target), time_to(run.curve, target)
     return {"point": label, "final_val": run.final_val, "vs_baseline": run.final_val / target - 1.0,
+            "final_train": train_loss,
             "backward_passes": run.backward_passes, "rollbacks": run.rollbacks, "kept": run.kept_phases,
             "speedup": t_base / t_run if t_run else None}
 
@@ -82,29 +134,31 @@ def table(sweep: dict) -> str:
     """One sweep (as written to ``jump_sweep.json``) as a markdown table."""
     results, jumps = sweep["results"], kind(*_setup(sweep)[1:])
     lines = [f"Seed {sweep['seed']}, regime {sweep['regime']}, jumps {jumps}; final val loss (change "
-             "against plain training), jumps kept / rolled back, and one repeat's wall-clock to plain training's "
-             "final val.", "",
-             "| workload | K:gain | final val | vs plain | kept / rolled back | to plain's final val |",
-             "|---|---|---|---|---|---|"]
+             "against plain training), the loss on the first training batches at the end (`EndTrainLoss`), jumps "
+             "kept / rolled back, and one repeat's wall-clock to plain training's final val.", "",
+             "| workload | K:gain | final val | vs plain | train loss at end | kept / rolled back "
+             "| to plain's final val |",
+             "|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         for r in rows:
             sp = "not reached" if r["speedup"] is None else f"{r['speedup']:.2f}x"
             change = "" if r["point"] == "plain" else f"{100 * r['vs_baseline']:+.1f}%"
             kept = "" if r["point"] == "plain" else f"{r.get('kept', 0)} / {r['rollbacks']}"
-            lines.append(f"| {name} | {r['point']} | {r['final_val']:.4f} | {change} | {kept} | {sp} |")
+            train = "" if r.get("final_train") is None else f"{r['final_train']:.4f}"
+            lines.append(f"| {name} | {r['point']} | {r['final_val']:.4f} | {change} | {train} | {kept} | {sp} |")
     return "\n".join(lines) + "\n"
 
 
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
-    seed, and their mean. All in one regime, guard, judge, ramp, after-jump state and window of the run; sweeps
-    of the same seed are merged (a point run twice: the first)."""
+    seed, and their mean. All in one regime, guard, judge, ramp, after-jump state, window of the run,
+    validation size and moved layers; sweeps of the same seed are merged (a point run twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
         if sweeps and _setup(s) != _setup(sweeps[0]):
-            raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state or window than {dirs[0]}; "
-                             "summarize one kind of sweep at a time")
+            raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state, window, validation size or "
+                             f"moved layers than {dirs[0]}; summarize one kind of sweep at a time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
@@ -116,9 +170,14 @@ def summarize(dirs: list[Path]) -> str:
                 raise SystemExit(f"{d}: plain training of seed {s['seed']} ended elsewhere ({plain}) on {name}")
             have += [r for r in rows if r["point"] not in {h["point"] for h in have}]
     guard = kind(*_setup(sweeps[0])[1:])
+    # sweeps that measured the training loss at the end (EndTrainLoss) get its mean change too
+    train = all(r.get("final_train") is not None for s in sweeps for rows in s["results"].values() for r in rows)
     lines = [f"Seeds {' / '.join(str(s['seed']) for s in sweeps)}, regime {sweeps[0]['regime']}, jumps {guard}; "
-             "final val loss against plain training of the same seed.", "",
-             "| workload | K:gain | final val per seed | vs plain per seed | mean |", "|---|---|---|---|---|"]
+             "final val loss against plain training of the same seed" + (", and the mean change of the loss on the "
+             "first training batches at the end" if train else "") + ".", "",
+             "| workload | K:gain | final val per seed | vs plain per seed | mean |" + (" train loss, mean |" if train
+                                                                                        else ""),
+             "|---|---|---|---|---|" + ("---|" if train else "")]
     for name in sweeps[0]["results"]:
         if not all(name in s["results"] for s in sweeps):
             continue
@@ -129,13 +188,18 @@ def summarize(dirs: list[Path]) -> str:
             finals = " / ".join(f"{r['final_val']:.4f}" for r in rows)
             changes = " / ".join(f"{c:+.1f}%" for c in change)
             mean = f"{sum(change) / len(change):+.1f}%"
-            lines.append(f"| {name} | {label} | {finals} | " + ("| |" if label == "plain" else f"{changes} | {mean} |"))
+            line = f"| {name} | {label} | {finals} | " + ("| |" if label == "plain" else f"{changes} | {mean} |")
+            if train:
+                drop = [100 * (r["final_train"] / p["plain"]["final_train"] - 1) for r, p in zip(rows, per)]
+                line += " |" if label == "plain" else f" {sum(drop) / len(drop):+.1f}% |"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def _setup(sweep: dict) -> tuple:
     return (sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep"),
-            sweep.get("judge_start_scale", 1.0), tuple(sweep.get("window", (0.0, 1.0))))
+            sweep.get("judge_start_scale", 1.0), tuple(sweep.get("window", (0.0, 1.0))), sweep.get("val_batches"),
+            tuple(sweep.get("only_layers") or ()))
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
@@ -157,6 +221,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    help="no jump (and no judge) before F x the run's steps (default: after the variant's warmup)")
     p.add_argument("--until", type=float, default=1.0, metavar="F",
                    help="no jump after F x the run's steps (default 1: to the end)")
+    p.add_argument("--val-batches", type=val_batches_arg, default=None, metavar="N",
+                   help="validation batches per evaluation, in plain and jump runs alike (default: the workload's "
+                        "val_batches; 32 is the CNN's whole validation set)")
+    p.add_argument("--only-layers", nargs="+", metavar="PREFIX", default=None,
+                   help="jumps move only the parameters whose names start with these (research; default: all)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -174,27 +243,32 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
 
-    def until(cb):  # a hybrid run's extra callbacks
-        return [PredictUntil(cb, args.until)] if args.until < 1 else []
+    ends: list[EndTrainLoss] = []
+
+    def extra(cb):  # every run's measurement callbacks, and a hybrid run's end of predictions
+        ends.append(EndTrainLoss())
+        return [ends[-1]] + ([PredictUntil(cb, args.until)] if cb is not None and args.until < 1 else [])
 
     for name in args.workloads:
         spec = load_spec(name, args)
         n, lr = spec["steps"], spec["lr"]
-        base = train(spec, "baseline", n, lr, 0, None, "cpu", seed=args.seed)
-        rows = [row("plain", base, base)]
+        base = train(spec, "baseline", n, lr, 0, None, "cpu", seed=args.seed, extra_callbacks=extra)
+        rows = [row("plain", base, base, ends[-1].value)]
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
             cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge, args.after_jump,
                               args.judge_start_scale)
             if args.start:
                 cfg["warmup_steps"] = max(cfg.get("warmup_steps", 0), round(args.start * n))
-            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", seed=args.seed, extra_callbacks=until)
-            rows.append(row(f"{k}:{gain:g}", h, base))
+            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", masked_drift(cfg, args.only_layers),
+                      seed=args.seed, extra_callbacks=extra)
+            rows.append(row(f"{k}:{gain:g}", h, base, ends[-1].value))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
     sweep = {"seed": args.seed, "regime": args.regime, "guarded": args.guarded, "judge": args.judge,
              "after_jump": args.after_jump, "judge_start_scale": args.judge_start_scale,
-             "window": [args.start, args.until], "results": results}
+             "window": [args.start, args.until], "val_batches": args.val_batches, "only_layers": args.only_layers,
+             "results": results}
     (args.out / "jump_sweep.json").write_text(json.dumps(sweep, indent=1))
     md = table(sweep)
     (args.out / "jump_sweep.md").write_text(md)

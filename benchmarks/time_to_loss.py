@@ -190,12 +190,23 @@ def _median(xs: list[float | None]) -> float | None:
     return statistics.median(xs)  # type: ignore[arg-type]
 
 
+def val_batches_arg(text: str) -> int:
+    """``--val-batches``: a positive number of batches (more than the validation set has: all of it)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"need at least 1 validation batch, got {n}")
+    return n
+
+
 def load_spec(name: str, args: argparse.Namespace) -> dict:
-    """The workload's spec with ``args.quick`` sizes and ``args.regime`` applied, writing to ``args.out``."""
+    """The workload's spec with ``args.quick`` sizes, ``args.regime`` and ``args.val_batches`` (if set: validation
+    batches per evaluation instead of the workload's own) applied, writing to ``args.out``."""
     spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
     if args.quick:
         spec.update(spec.pop("quick"))
     spec = regime_spec(spec, args.regime)
+    if getattr(args, "val_batches", None):
+        spec["val_batches"] = args.val_batches
     spec["_out"], spec["_regime"] = str(args.out), args.regime
     return spec
 
@@ -395,6 +406,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--layer-lr-factor", type=float, default=2.0)
     p.add_argument("--layer-lr-between", nargs=2, type=float, default=[0.5, 1.0], metavar=("FROM", "UNTIL"),
                    help="where --layer-lr applies, as fractions of each run's steps (never during warmup)")
+    p.add_argument("--val-batches", type=val_batches_arg, default=None, metavar="N",
+                   help="validation batches per evaluation in every run (default: the workload's val_batches)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import types
@@ -136,6 +137,8 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     # one skipped backward pass per jump: the run with jumps twice as often skips more of them
     assert 60 > a["backward_passes"] and b["backward_passes"] < 60 and a["backward_passes"] < b["backward_passes"]
     assert a["final_val"] != plain["final_val"]
+    # the loss on the same first training batches at every run's end: another model, another loss
+    assert math.isfinite(plain["final_train"]) and a["final_train"] != plain["final_train"]
     assert json.loads((tmp_path / "jump_sweep.json").read_text())["results"]["mlp"][1]["point"] == "4:4"
     assert "| mlp | 8:1 |" in (tmp_path / "jump_sweep.md").read_text()
     assert "divergence" in cfg and "divergence" not in jump_sweep.jump_config("mlp", 12, 8.0, guarded=True)
@@ -177,12 +180,54 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert "only from 0 to 0.5 of the run" in (tmp_path / "first" / "jump_sweep.md").read_text()
     with pytest.raises(SystemExit, match="window"):
         jump_sweep.summarize([tmp_path / "first", tmp_path / "second"])
+    # another validation size: the same training, its val loss on fewer batches
+    one = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--val-batches", "1",
+                           "--out", str(tmp_path / "one")])
+    assert one["mlp"][1]["backward_passes"] == a["backward_passes"] and one["mlp"][0]["final_val"] != plain["final_val"]
+    assert json.loads((tmp_path / "one" / "jump_sweep.json").read_text())["val_batches"] == 1
+    assert "validation on 1 batches per evaluation" in (tmp_path / "one" / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit, match="validation size"):
+        jump_sweep.summarize([tmp_path, tmp_path / "one"])
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
-    for bad in (["--judge-start-scale", "0.5"], ["--start", "0.6", "--until", "0.5"], ["--until", "1.5"]):
+    for bad in (["--judge-start-scale", "0.5"], ["--start", "0.6", "--until", "0.5"], ["--until", "1.5"],
+                ["--val-batches", "0"]):
         with pytest.raises(SystemExit):
             jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", *bad, "--out", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists()  # refused before anything ran
+
+
+def test_val_batches_overrides_the_workloads_validation_size_and_refuses_zero(tmp_path):
+    args = types.SimpleNamespace(quick=False, regime="adamw_cosine", out=tmp_path)
+    assert time_to_loss.load_spec("cnn", args)["val_batches"] == 8
+    assert time_to_loss.load_spec("cnn", types.SimpleNamespace(**vars(args), val_batches=32))["val_batches"] == 32
+    assert time_to_loss.val_batches_arg("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError):
+        time_to_loss.val_batches_arg("0")
+
+
+def test_layer_masked_drift_moves_only_the_named_layers_by_the_drift(tmp_path):
+    traj = types.SimpleNamespace(names=["net.0.weight", "net.0.bias", "net.2.weight"], numels=[4, 2, 3])
+    moved = torch.arange(1.0, 10.0)
+    drift = jump_sweep.LayerMaskedDrift(3, 1, span=1, gain=2.0, prefixes=("net.0.",))
+    whole = jump_sweep.Drift(3, 1, span=1, gain=2.0)
+    for d in (drift, whole):
+        d._snaps.extend([(0, torch.zeros(9)), (8, moved.clone())])
+    full = whole.predict_displacement(traj, 4)
+    assert torch.equal(full, moved * 2.0 * 4 / 8)
+    assert torch.equal(drift.predict_displacement(traj, 4), torch.cat([full[:6], torch.zeros(3)]))
+    nothing = jump_sweep.LayerMaskedDrift(3, 1, span=1, gain=2.0, prefixes=("head",))
+    nothing._snaps.extend([(0, torch.zeros(9)), (8, moved.clone())])
+    with pytest.raises(ValueError, match="no parameter name starts with head"):
+        nothing.predict_displacement(traj, 4)
+    assert jump_sweep.masked_drift({"predictor": "drift"}, None) is None
+    built = jump_sweep.masked_drift(jump_sweep.jump_config("mlp", 12, 8.0), ["net.2"])(3, 1)
+    assert (built.gain, built.span, built.prefixes) == (8.0, 10, ("net.2",))
+    res = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--only-layers", "net.0.",
+                           "--out", str(tmp_path)])
+    sweep = json.loads((tmp_path / "jump_sweep.json").read_text())
+    assert sweep["only_layers"] == ["net.0."] and res["mlp"][1]["backward_passes"] < 60
+    assert "moving only net.0." in (tmp_path / "jump_sweep.md").read_text()
 
 
 def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_change(tmp_path):
@@ -219,6 +264,15 @@ def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_chan
     with pytest.raises(SystemExit, match="judge"):
         jump_sweep.summarize([tmp_path / "s1", tmp_path / "s0_judged"])
     assert "jumps unguarded, block judge of 48 steps" in jump_sweep.summarize([tmp_path / "s0_judged"])
+    for seed, train in ((0, [0.5, 0.4]), (1, [1.0, 1.2])):  # sweeps that measured the training loss at the end
+        d = tmp_path / f"t{seed}"
+        sw = json.loads((tmp_path / f"s{seed}" / "jump_sweep.json").read_text())
+        sw["results"]["mlp"] = [r | {"final_train": t} for r, t in zip(sw["results"]["mlp"], train)]
+        d.mkdir()
+        (d / "jump_sweep.json").write_text(json.dumps(sw))
+    with_train = jump_sweep.summarize([tmp_path / "t0", tmp_path / "t1"]).splitlines()
+    assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% | +0.0% |" in with_train  # -20% and +20%
+    assert "| mlp | plain | 2.0000 / 1.0000 | | | |" in with_train
     assert "| mlp | 24:16 | 1.9000 / 1.1000 | -5.0% / +10.0% | +2.5% |" in lines
 
 

@@ -8,7 +8,7 @@
     python -m benchmarks.jump_sweep --points 24:32 --after-jump zero_momentum  # first moment zeroed after jumps
     python -m benchmarks.jump_sweep --points 24:32 --start 0.5    # jumps only in the second half (--until 0.5: first)
     python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --val-batches 32  # the CNN's whole val set
-    python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --only-layers head.0  # the other layers unmoved
+    python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --only-layers head.0.  # the rest unmoved
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's

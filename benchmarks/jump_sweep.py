@@ -29,7 +29,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.predictor_value import fixed_loss
+from benchmarks.predictor_value import first_batches, fixed_loss
 from benchmarks.regimes import REGIMES
 from benchmarks.time_to_loss import HERE, WORKLOADS, PredictUntil, Run, load_spec, time_to, train, val_batches_arg
 from hybrid_lightning.config import AFTER_JUMP, HybridConfig
@@ -116,9 +116,7 @@ class EndTrainLoss(Callback):
         self.batches, self.value = batches, float("nan")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        with torch.random.fork_rng():
-            batches = [b for _, b in zip(range(self.batches), trainer.datamodule.train_dataloader())]
-        self.value = fixed_loss(pl_module, batches)
+        self.value = fixed_loss(pl_module, first_batches(trainer.datamodule.train_dataloader(), self.batches))
 
 
 def row(label: str, run: Run, baseline: Run, train_loss: float | None = None) -> dict:

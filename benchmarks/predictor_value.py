@@ -75,11 +75,16 @@ def thirds(n: int) -> tuple[tuple[float, float], ...]:
     return (0, n / 3), (n / 3, 2 * n / 3), (2 * n / 3, n + 1)
 
 
-def val_batches(trainer, n: int) -> list:
-    """The first ``n`` validation batches, drawn without touching training's random stream (an iterator may
+def first_batches(loader, n: int) -> list:
+    """The first ``n`` batches of ``loader``, drawn without touching training's random stream (an iterator may
     draw a seed)."""
     with torch.random.fork_rng():
-        return [b for _, b in zip(range(n), trainer.datamodule.val_dataloader())]
+        return [b for _, b in zip(range(n), loader)]
+
+
+def val_batches(trainer, n: int) -> list:
+    """The first ``n`` validation batches (see :func:`first_batches`)."""
+    return first_batches(trainer.datamodule.val_dataloader(), n)
 
 
 @torch.no_grad()

@@ -18,9 +18,8 @@ import statistics
 from pathlib import Path
 
 import torch
-import yaml
 
-from benchmarks.time_to_loss import HERE, Run, _say, train, val_batches_arg
+from benchmarks.time_to_loss import HERE, Run, _say, load_spec, train, val_batches_arg
 from hybrid_lightning.core.dynamics import ConstantVelocity, Rollout
 
 
@@ -40,15 +39,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--val-batches", type=val_batches_arg, default=None, metavar="N",
                    help="validation batches per evaluation (default: the workload's; 32 is the CNN's whole val set)")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.set_defaults(quick=False, regime="adamw_cosine")  # load_spec's full sizes and the tuned regime
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
     for name in args.workloads:
-        spec = yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())
-        spec["_out"] = str(args.out)
-        if args.val_batches:
-            spec["val_batches"] = args.val_batches
+        spec = load_spec(name, args)
         runs: list[Run] = []
         for rep in range(args.repeats):  # interleaved; repeat r uses seed r for both runs (paired)
             runs.append(train(spec, "baseline", spec["steps"], spec["lr"], rep, None, "cpu", seed=rep))

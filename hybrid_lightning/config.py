@@ -49,6 +49,8 @@ class DynamicsConfig:
     confidence_decay: float = 0.95  # EMA decay of the one-step prediction error behind confidence
     drift_span: int = 10  # predictor "drift": observations (x trajectory.stride real steps) its velocity spans
     drift_gain: float = 1.0  # predictor "drift": real steps' worth of its velocity per predicted step
+    # why: extrapolated norm growth made drift jumps over-sharpen the CNN (docs/predictors.md, tangential card)
+    tangential: bool = False  # parameter predictors: less each tensor's part along itself (jumps turn, not grow)
     nowcaster: str = ""  # predictor "nowcast": weights from python -m hybrid_lightning.nowcast.train ("": shipped)
 
 
@@ -264,6 +266,11 @@ class HybridConfig:
         if j.block and j.start_scale != 1 and self.predictor not in PARAMETER_PREDICTORS:
             problems.append(f"judge.start_scale = {j.start_scale} scales a predicted displacement, which predictor "
                             f"{self.predictor!r} does not make: use one of {', '.join(PARAMETER_PREDICTORS)}, or 1")
+
+        if self.dynamics.tangential and self.predictor not in PARAMETER_PREDICTORS:
+            problems.append(f"dynamics.tangential projects a predicted displacement, which predictor "
+                            f"{self.predictor!r} does not make: use one of {', '.join(PARAMETER_PREDICTORS)}, "
+                            "or false")
 
         b = self.bandit
         if b.arms is not None:

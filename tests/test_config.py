@@ -114,6 +114,9 @@ def test_cross_field_rules():
         HybridConfig.from_dict({"trajectory": {"basis_rank": 3, "window": 2}})
     with pytest.raises(ConfigError, match="initial_gain"):
         HybridConfig.from_dict({"corrector": {"initial_gain": 3.0, "max_gain": 2.0}})
+    with pytest.raises(ConfigError, match="dynamics.tangential"):  # the RSSM predicts no displacement
+        HybridConfig.from_dict({"dynamics": {"tangential": True}})
+    assert HybridConfig.from_dict({"predictor": "drift", "dynamics": {"tangential": True}}).dynamics.tangential
 
 
 def test_all_problems_reported_at_once():

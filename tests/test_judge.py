@@ -293,3 +293,22 @@ def test_a_resumed_engine_whose_judge_blocks_changed_judges_afresh():
     off = make(config=judged_config(block=0))[2]
     off.load_state_dict(saved)  # the judge switched off: its state is ignored
     assert off.judge is None and off.step == engine.step
+
+
+def test_engine_applies_the_tangential_part_of_the_predicted_displacement_only():
+    cfg = eager_config()
+    cfg.max_predict_steps, cfg.bandit.arms, cfg.bandit.cooldown_steps = 1, [0, 1], 0
+    cfg.bandit.alpha, cfg.bandit.dormant_after = 100.0, 0  # a phase whenever one may start
+    cfg.divergence.rollback_tolerance, cfg.corrector.weight_correction = 10.0, False
+    cfg.predictor, cfg.dynamics.tangential = "null", True  # the name validates; FixedStep predicts
+    model, opt, engine = make(config=cfg.validate(), dynamics=FixedStep(4, 1))
+    moved = 0
+    for s in range(120):
+        before = params_of(model)
+        if run(model, opt, engine, s, s + 1).phases[0] == "PREDICT":
+            moved += 1
+            for a, b in zip(params_of(model), before):
+                d, w = (a - b).reshape(-1), b.reshape(-1)
+                assert abs(float(d @ w)) <= 1e-5 * float(w.norm()) * max(float(d.norm()), 1e-12)
+                torch.testing.assert_close(d, 0.01 - float(0.01 * w.sum() / (w @ w)) * w, atol=1e-6, rtol=0)
+    assert moved >= 3

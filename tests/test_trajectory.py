@@ -187,3 +187,33 @@ def test_release_frees_the_tracking_buffers_and_sync_tracks_again(rank):
     traj.snapshot()
     with pytest.raises(RuntimeError, match="snapshot"):
         traj.release()
+
+
+@given(st.lists(st.floats(-3.0, 3.0), min_size=3, max_size=3), st.integers(0, 2**16), st.sampled_from([None, 1]))
+def test_tangential_removes_each_tensors_part_along_itself_and_keeps_the_rest(along, seed, zero):
+    params = make_params(seed=seed)
+    if zero is not None:
+        with torch.no_grad():
+            params[zero].zero_()  # a zero tensor has no direction of its own: its part is kept whole
+    traj = Trajectory(params, TrajectoryConfig(stride=1))
+    g = torch.Generator().manual_seed(seed + 1)
+    across = []
+    for p in params:  # a random direction less its part along p: orthogonal to p
+        w, r = p.detach().reshape(-1), torch.randn(p.numel(), generator=g)
+        across.append(r - (r @ w) / (w @ w) * w if float(w @ w) > 0 else r)
+    flat = torch.cat([a * p.detach().reshape(-1) + t for a, p, t in zip(along, params, across)])
+    out = traj.tangential(flat)
+    assert out.data_ptr() != flat.data_ptr()  # a new tensor: the predictor's own stays as it was
+    for o, t, p in zip(out.split(traj.numels), across, params):
+        torch.testing.assert_close(o, t, atol=1e-5, rtol=1e-5)
+        assert abs(float(o @ p.detach().reshape(-1))) < 1e-4
+
+
+def test_tangential_measures_along_the_snapshot_when_one_is_held():
+    params = make_params()
+    traj = Trajectory(params, TrajectoryConfig(stride=1))
+    traj.snapshot()
+    w0 = torch.cat([p.detach().reshape(-1).clone() for p in params])
+    step(params, 3, scale=0.5)  # the parameters move on (a predicted step applied since the snapshot)
+    out = traj.tangential(w0 * 2.0)  # all of it along the snapshot's values
+    torch.testing.assert_close(out, torch.zeros_like(out), atol=1e-6, rtol=0)

@@ -270,6 +270,8 @@ class HybridEngine:
         self._displacement = None
         if isinstance(self.dynamics, ParameterDynamics):
             self._displacement = self.dynamics.predict_displacement(self.trajectory, ps.horizon)
+            if self._displacement is not None and self.config.dynamics.tangential:
+                self._displacement = self.trajectory.tangential(self._displacement)
             scale = 1.0 if self.judge is None else self.judge.scale(self.step)
             if self._displacement is not None and scale != 1.0:
                 self._displacement = self._displacement.mul(scale)  # not in place: it may be the predictor's own

@@ -312,6 +312,18 @@ class Trajectory:
         delta = torch._foreach_mul(self._views(flat), scale)
         return [d if d.dtype == dt else d.to(dt) for d, dt in zip(delta, self.dtypes)]
 
+    def tangential(self, flat: Tensor) -> Tensor:
+        """``flat`` less, in each parameter tensor, its component along that tensor's values (at the snapshot if
+        one is held, else now), as a new tensor: a displacement that turns each tensor instead of growing or
+        shrinking it (its norm changes only by the second-order ``|d|^2``). A zero tensor keeps its part."""
+        w = self._snapshot if self._snapshot is not None else self._flatten()
+        dots = self._layer_dots_many([(flat, w), (w, w)])[0]
+        coeffs = torch.where(dots[1] > 0, dots[0] / dots[1].clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        out = flat.clone()
+        torch._foreach_sub_(list(out.split(self.numels)), torch._foreach_mul(list(w.split(self.numels)),
+                                                                            coeffs.tolist()))
+        return out
+
     @property
     def current(self) -> Tensor:
         """The parameters at the last sync or observation, flat (a view of an internal buffer: do not modify)."""

@@ -9,6 +9,7 @@
     python -m benchmarks.jump_sweep --points 24:32 --start 0.5    # jumps only in the second half (--until 0.5: first)
     python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --val-batches 32  # the CNN's whole val set
     python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --only-layers head.0.  # the rest unmoved
+    python -m benchmarks.jump_sweep --points 24:32 --tangential   # jumps that turn each tensor, not grow it
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's
@@ -48,12 +49,13 @@ def point(text: str) -> tuple[int, float]:
 
 
 def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False, judge: int = 0,
-                after_jump: str = "keep", start_scale: float = 1.0) -> dict:
+                after_jump: str = "keep", start_scale: float = 1.0, tangential: bool = False) -> dict:
     """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
     after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such
     variant; ``guarded``: the default guard judges every jump on its probe batch and rolls back the ones
     that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none, and ``start_scale`` its
-    ``judge.start_scale``; ``after_jump``: what the optimizer state does after a kept jump)."""
+    ``judge.start_scale``; ``after_jump``: what the optimizer state does after a kept jump; ``tangential``:
+    ``dynamics.tangential``, jumps that turn each tensor without growing it)."""
     base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
     if guarded:
         del base["divergence"]
@@ -64,6 +66,8 @@ def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bo
         base["judge"] = {"block": judge} if start_scale == 1 else {"block": judge, "start_scale": start_scale}
     if after_jump != "keep":
         base["after_jump"] = after_jump
+    if tangential:
+        base["dynamics"]["tangential"] = True
     return base
 
 
@@ -97,14 +101,15 @@ def masked_drift(cfg: dict, prefixes: list[str] | None):
 
 
 def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window: tuple[float, float],
-         val_batches: int | None = None, only_layers: tuple[str, ...] = ()) -> str:
+         val_batches: int | None = None, only_layers: tuple[str, ...] = (), tangential: bool = False) -> str:
     """How the jumps of a sweep were run, from its ``_setup`` (less the regime)."""
     ramp = f" ramping the gain from {start_scale:g} of it" if judge and start_scale != 1 else ""
     return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps{ramp}" if judge else "")
             + ("" if after_jump == "keep" else f", optimizer state after a jump: {after_jump}")
             + ("" if window == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run")
             + ("" if val_batches is None else f", validation on {val_batches} batches per evaluation")
-            + ("" if not only_layers else f", moving only {' / '.join(only_layers)}"))
+            + ("" if not only_layers else f", moving only {' / '.join(only_layers)}")
+            + (", tangential (each tensor's part along itself removed)" if tangential else ""))
 
 
 class EndTrainLoss(Callback):
@@ -150,13 +155,15 @@ def table(sweep: dict) -> str:
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
     seed, and their mean. All in one regime, guard, judge, ramp, after-jump state, window of the run,
-    validation size and moved layers; sweeps of the same seed are merged (a point run twice: the first)."""
+    validation size, moved layers and tangential setting; sweeps of the same seed are merged (a point run
+    twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
         if sweeps and _setup(s) != _setup(sweeps[0]):
-            raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state, window, validation size or "
-                             f"moved layers than {dirs[0]}; summarize one kind of sweep at a time")
+            raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state, window, validation size, "
+                             f"moved layers or tangential setting than {dirs[0]}; summarize one kind of sweep at a "
+                             "time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
@@ -197,7 +204,7 @@ def summarize(dirs: list[Path]) -> str:
 def _setup(sweep: dict) -> tuple:
     return (sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep"),
             sweep.get("judge_start_scale", 1.0), tuple(sweep.get("window", (0.0, 1.0))), sweep.get("val_batches"),
-            tuple(sweep.get("only_layers") or ()))
+            tuple(sweep.get("only_layers") or ()), sweep.get("tangential", False))
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
@@ -224,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                         "val_batches; 32 is the CNN's whole validation set)")
     p.add_argument("--only-layers", nargs="+", metavar="PREFIX", default=None,
                    help="jumps move only the parameters whose names start with these (research; default: all)")
+    p.add_argument("--tangential", action="store_true",
+                   help="jumps less each tensor's part along its own values (dynamics.tangential; default: off)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
             cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge, args.after_jump,
-                              args.judge_start_scale)
+                              args.judge_start_scale, args.tangential)
             if args.start:
                 cfg["warmup_steps"] = max(cfg.get("warmup_steps", 0), round(args.start * n))
             h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", masked_drift(cfg, args.only_layers),
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     sweep = {"seed": args.seed, "regime": args.regime, "guarded": args.guarded, "judge": args.judge,
              "after_jump": args.after_jump, "judge_start_scale": args.judge_start_scale,
              "window": [args.start, args.until], "val_batches": args.val_batches, "only_layers": args.only_layers,
-             "results": results}
+             "tangential": args.tangential, "results": results}
     (args.out / "jump_sweep.json").write_text(json.dumps(sweep, indent=1))
     md = table(sweep)
     (args.out / "jump_sweep.md").write_text(md)

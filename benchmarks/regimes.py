@@ -4,7 +4,10 @@
 after warmup; ``low_lr`` is a fine-tuning-like setup (a tenth of the tuned LR, flat); ``large_batch``
 uses 4x the batch; ``sgd`` replaces AdamW with SGD + Nesterov momentum 0.9 at the workload's ``sgd_lr``
 (same schedule); ``wsd`` keeps AdamW at the tuned LR with a warmup-stable-decay schedule (the same
-warmup, flat until ``WSD_DECAY_START`` of the run, then linear decay to the same final LR).
+warmup, flat until ``WSD_DECAY_START`` of the run, then linear decay to the same final LR); ``tuned_wd``
+is ``adamw_cosine`` with the LR and AdamW weight decay (on the matrices) of the workload's ``tuned_wd``
+entry, tuned together by a one-seed grid (``time_to_loss --regime tuned_wd --tune-wd``): as tuned, the
+MLP and the CNN train without weight decay.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from hybrid_lightning.examples.common import WarmupCosine, resolve_total_steps
 
-REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd")
+REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd", "tuned_wd")
 WSD_DECAY_START = 0.8  # fraction of the run after which the wsd regime's LR decays
 
 
@@ -52,6 +55,11 @@ def regime_spec(spec: dict, regime: str) -> dict:
         spec["data_args"]["batch_size"] = 4 * spec["data_args"].get("batch_size", 64)
     if regime == "sgd":
         spec["lr"] = spec["sgd_lr"]
+    if regime == "tuned_wd":
+        if "tuned_wd" not in spec:
+            raise ValueError("regime tuned_wd needs the workload's tuned_wd entry ({lr, weight_decay}: the best of "
+                             "an LR x weight-decay grid)")
+        spec["lr"], spec["model_args"]["weight_decay"] = spec["tuned_wd"]["lr"], spec["tuned_wd"]["weight_decay"]
     return spec
 
 

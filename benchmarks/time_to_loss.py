@@ -2,6 +2,7 @@
 
     python -m benchmarks.time_to_loss                      # all workloads, 3 interleaved repeats
     python -m benchmarks.time_to_loss --workloads mlp --tune  # re-run the baseline LR sweep first
+    python -m benchmarks.time_to_loss --regime tuned_wd --tune-wd  # ... or its LR x weight-decay grid
     python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
     python -m benchmarks.time_to_loss --regime low_lr      # another training regime (benchmarks/regimes.py)
     python -m benchmarks.time_to_loss --regime wsd --predict-until 0.8  # predict in the WSD's stable phase only
@@ -58,7 +59,7 @@ class Point:
 
 @dataclass
 class Run:
-    kind: str  # baseline | hybrid:<variant> | control:<variant> | sweep:<lr>
+    kind: str  # baseline | hybrid:<variant> | control:<variant> | sweep:<lr> | sweep:wd=<weight decay>
     repeat: int
     steps: int
     lr: float
@@ -222,6 +223,18 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
             print(f"[{name}] sweep lr={cand:g}: final val {r.final_val:.4f}", flush=True)
         lr = min(sweep, key=lambda s: s["final_val"])["lr"]
         print(f"[{name}] tuned lr = {lr:g}", flush=True)
+    if args.tune_wd:
+        grid = spec["tuned_wd"]
+        for cand_lr in grid["lr_sweep"]:
+            for cand in grid["wd_sweep"]:
+                s = {**spec, "model_args": {**spec["model_args"], "weight_decay": cand}}
+                r = train(s, f"sweep:{cand_lr}:wd={cand}", spec["steps"], cand_lr, 0, None, args.accelerator,
+                          seed=args.seed)
+                sweep.append({"lr": cand_lr, "weight_decay": cand, "final_val": r.final_val})
+                print(f"[{name}] sweep lr={cand_lr:g} weight_decay={cand:g}: final val {r.final_val:.4f}", flush=True)
+        best = min(sweep, key=lambda s: s["final_val"])
+        lr, spec = best["lr"], {**spec, "model_args": {**spec["model_args"], "weight_decay": best["weight_decay"]}}
+        print(f"[{name}] tuned lr = {lr:g}, weight_decay = {best['weight_decay']:g}", flush=True)
     N = spec["steps"]
     variants = {k: dict(v or {}) for k, v in spec["hybrids"].items()}
     if args.variants:
@@ -281,7 +294,8 @@ def summarize(name: str, spec: dict, lr: float, sweep: list, runs: list[Run], va
     base_b = _median([time_to(r.curve, target, "backward") for r in base])
     seed_vals = [base[0].final_val] + [r.final_val for r in runs if r.kind.startswith("seed:")]
     out: dict[str, Any] = {"workload": name, "regime": spec.get("_regime", "adamw_cosine"), "target_val": target,
-                           "lr": lr, "steps": spec["steps"],
+                           "lr": lr, "weight_decay": spec["model_args"].get("weight_decay", "the model's default"),
+                           "steps": spec["steps"],
                            "layer_lr": ({"prefix": args.layer_lr, "factor": args.layer_lr_factor,
                                          "between": args.layer_lr_between} if args.layer_lr else None),
                            "seed_final_vals": seed_vals,
@@ -409,6 +423,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--val-batches", type=val_batches_arg, default=None, metavar="N",
                    help="validation batches per evaluation in every run (default: the workload's val_batches)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
+    p.add_argument("--tune-wd", action="store_true",
+                   help="with --regime tuned_wd: re-run the baseline's LR x weight-decay grid (tuned_wd's lr_sweep "
+                        "and wd_sweep in the workload YAML, at --seed) and use its best")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned for comparable timings)")
@@ -416,6 +433,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.tune and args.regime != "adamw_cosine":
         p.error("--tune sweeps the workload's own learning rates; use it with the default regime")
+    if args.tune_wd and args.regime != "tuned_wd":
+        p.error("--tune-wd sweeps the LR and weight decay of the tuned_wd regime; use it with --regime tuned_wd")
     if args.predict_until is not None and not 0 < args.predict_until <= 1:
         p.error("--predict-until must be in (0, 1]")
     torch.set_num_threads(args.threads)

@@ -58,6 +58,22 @@ def test_time_to_loss_trains_every_run_in_the_chosen_regime(tmp_path):
     assert res["regime"] == "sgd" and res["lr"] == spec["sgd_lr"]
     with pytest.raises(SystemExit):
         time_to_loss.main(["--quick", "--tune", "--regime", "low_lr", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # the grid belongs to the tuned_wd regime
+        time_to_loss.main(["--quick", "--tune-wd", "--out", str(tmp_path)])
+
+
+def test_time_to_loss_tune_wd_runs_the_grid_and_trains_with_its_best(tmp_path):
+    [res] = time_to_loss.main(["--quick", "--repeats", "1", "--seeds", "1", "--workloads", "mlp", "--variants",
+                               "default", "--regime", "tuned_wd", "--tune-wd", "--out", str(tmp_path)])
+    grid = _quick_mlp()["tuned_wd"]
+    sweep = res["sweep"]
+    assert [(s["lr"], s["weight_decay"]) for s in sweep] == [(lr, wd) for lr in grid["lr_sweep"]
+                                                             for wd in grid["wd_sweep"]]
+    assert sweep[0]["final_val"] != sweep[1]["final_val"]  # weight decay changes training
+    best = min(sweep, key=lambda s: s["final_val"])
+    assert (res["lr"], res["weight_decay"]) == (best["lr"], best["weight_decay"])
+    # the baseline is the grid's best run again: same seed, same settings, same final val
+    assert res["final_val_baseline"] == best["final_val"]
 
 
 def test_time_to_loss_layer_lr_scales_every_run_and_only_real_steps(tmp_path, monkeypatch):
@@ -168,6 +184,18 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert ramped["mlp"][1]["final_val"] != judged["mlp"][1]["final_val"]  # smaller jumps: another trajectory
     assert json.loads((tmp_path / "ramped" / "jump_sweep.json").read_text())["judge_start_scale"] == 0.25
     assert "ramping the gain from 0.25 of it" in (tmp_path / "ramped" / "jump_sweep.md").read_text()
+    assert "tangential" not in cfg["dynamics"]
+    assert jump_sweep.jump_config("mlp", 12, 8.0, tangential=True)["dynamics"] == {"drift_gain": 8.0,
+                                                                                   "tangential": True}
+    turned = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--tangential", "--out",
+                              str(tmp_path / "turned")])
+    # the same jumps less their part along the weights: another trajectory, as many skipped backward passes
+    assert turned["mlp"][1]["backward_passes"] == a["backward_passes"]
+    assert turned["mlp"][1]["final_val"] != a["final_val"]
+    assert json.loads((tmp_path / "turned" / "jump_sweep.json").read_text())["tangential"] is True
+    assert "tangential" in (tmp_path / "turned" / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit, match="tangential"):
+        jump_sweep.summarize([tmp_path, tmp_path / "turned"])
     with pytest.raises(SystemExit, match="ramp"):
         jump_sweep.summarize([tmp_path / "judged", tmp_path / "ramped"])
     # jumps only in one half of the run: fewer than throughout, and the halves' skipped passes add up to its
@@ -345,7 +373,12 @@ def test_regimes_change_only_what_they_name():
     big = regimes.regime_spec(spec, "large_batch")
     assert big["data_args"]["batch_size"] == 4 * spec["data_args"]["batch_size"]
     assert regimes.regime_spec(spec, "sgd")["lr"] == spec["sgd_lr"]
-    assert "final_lr_frac" not in spec["model_args"]  # the workload's own spec is left alone
+    decayed = regimes.regime_spec(spec, "tuned_wd")
+    assert decayed["model_args"]["weight_decay"] == spec["tuned_wd"]["weight_decay"] > 0
+    assert decayed["lr"] == spec["tuned_wd"]["lr"]
+    with pytest.raises(ValueError, match="tuned_wd entry"):
+        regimes.regime_spec({k: v for k, v in spec.items() if k != "tuned_wd"}, "tuned_wd")
+    assert "final_lr_frac" not in spec["model_args"] and "weight_decay" not in spec["model_args"]  # left alone
     model = time_to_loss._load(spec["model"])(**spec["model_args"], lr=0.1, total_steps=100)
     assert isinstance(regimes.regime_model(model, "low_lr").configure_optimizers()["optimizer"], torch.optim.AdamW)
     sgd = regimes.regime_model(model, "sgd").configure_optimizers()["optimizer"]

@@ -59,7 +59,7 @@ class Point:
 
 @dataclass
 class Run:
-    kind: str  # baseline | hybrid:<variant> | control:<variant> | sweep:<lr> | sweep:wd=<weight decay>
+    kind: str  # baseline | hybrid:<variant> | control:<variant> | sweep:<lr> | sweep:<lr>:wd=<weight decay>
     repeat: int
     steps: int
     lr: float

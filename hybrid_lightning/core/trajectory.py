@@ -320,8 +320,7 @@ class Trajectory:
         dots = self._layer_dots_many([(flat, w), (w, w)])[0]
         coeffs = torch.where(dots[1] > 0, dots[0] / dots[1].clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         out = flat.clone()
-        torch._foreach_sub_(list(out.split(self.numels)), torch._foreach_mul(list(w.split(self.numels)),
-                                                                            coeffs.tolist()))
+        torch._foreach_sub_(self._views(out), self._scale_layers(w, coeffs))  # per tensor: d - c w
         return out
 
     @property

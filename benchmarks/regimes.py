@@ -7,7 +7,10 @@ uses 4x the batch; ``sgd`` replaces AdamW with SGD + Nesterov momentum 0.9 at th
 warmup, flat until ``WSD_DECAY_START`` of the run, then linear decay to the same final LR); ``tuned_wd``
 is ``adamw_cosine`` with the LR and AdamW weight decay (on the matrices) of the workload's ``tuned_wd``
 entry, tuned together by a one-seed grid (``time_to_loss --regime tuned_wd --tune-wd``): as tuned, the
-MLP and the CNN train without weight decay.
+MLP and the CNN train without weight decay. ``finetune`` starts every run from the workload trained as tuned
+on a related *source* task (the workload's ``finetune.source``: data-args overrides and a data seed offset;
+here fewer examples of the same task, or the stdlib's first files) and trains at ``finetune.lr``, the best of
+a one-seed sweep (``time_to_loss --regime finetune --tune`` sweeps ``finetune.lr_sweep``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from hybrid_lightning.examples.common import WarmupCosine, resolve_total_steps
 
-REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd", "tuned_wd")
+REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd", "tuned_wd", "finetune")
 WSD_DECAY_START = 0.8  # fraction of the run after which the wsd regime's LR decays
 
 
@@ -60,7 +63,21 @@ def regime_spec(spec: dict, regime: str) -> dict:
             raise ValueError("regime tuned_wd needs the workload's tuned_wd entry ({lr, weight_decay}: the best of "
                              "an LR x weight-decay grid)")
         spec["lr"], spec["model_args"]["weight_decay"] = spec["tuned_wd"]["lr"], spec["tuned_wd"]["weight_decay"]
+    if regime == "finetune":
+        if "finetune" not in spec:
+            raise ValueError("regime finetune needs the workload's finetune entry ({lr, lr_sweep, source: "
+                             "{data_args, seed_offset}})")
+        # the source task trains as the workload is tuned; the runs being compared, at the fine-tuning LR
+        spec["_source_lr"] = spec["lr"]
+        spec["lr"], spec["lr_sweep"] = spec["finetune"]["lr"], spec["finetune"]["lr_sweep"]
     return spec
+
+
+def source_spec(spec: dict) -> dict:
+    """The ``finetune`` regime's source task: the workload as tuned, with the source's data args."""
+    source = spec["finetune"]["source"]
+    return {**spec, "lr": spec["_source_lr"], "_regime": "adamw_cosine",
+            "data_args": {**spec["data_args"], **source.get("data_args", {})}}
 
 
 def _sgd_optimizers(self: Any) -> dict:  # replaces configure_optimizers for the ``sgd`` regime

@@ -5,6 +5,7 @@
     python -m benchmarks.time_to_loss --regime tuned_wd --tune-wd  # ... or its LR x weight-decay grid
     python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
     python -m benchmarks.time_to_loss --regime low_lr      # another training regime (benchmarks/regimes.py)
+    python -m benchmarks.time_to_loss --regime finetune --tune  # from a source task's weights, fine-tuning LR swept
     python -m benchmarks.time_to_loss --regime wsd --predict-until 0.8  # predict in the WSD's stable phase only
     python -m benchmarks.time_to_loss --workloads mlp --layer-lr net.0. net.2. net.4. --layer-lr-factor 2
         # every run (baseline, hybrids, controls) steps the MLP's hidden layers at twice the LR
@@ -42,7 +43,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.layer_lr import ScaledPrefixStep
-from benchmarks.regimes import REGIMES, regime_model, regime_spec
+from benchmarks.regimes import REGIMES, regime_model, regime_spec, source_spec
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 
 HERE = Path(__file__).resolve().parent
@@ -142,9 +143,12 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
     """One run. ``seed`` sets the model's initialization and the data order (0 for every comparison run).
     ``extra_callbacks(hybrid_callback_or_None)`` adds callbacks that run before the others (measurement hooks)."""
     run = Run(kind, repeat, steps, lr)
+    start = pretrained(spec, seed, accelerator) if spec.get("_regime") == "finetune" else None  # before seeding
     L.seed_everything(seed, verbose=False)
-    data = _load(spec["data"])(**{**spec["data_args"], "seed": seed})
+    data = _load(spec["data"])(**{**spec["data_args"], "seed": seed + spec.get("_data_seed_offset", 0)})
     model = _load(spec["model"])(**spec["model_args"], lr=lr, total_steps=0)  # schedule length = max_steps
+    if start is not None:
+        model.load_state_dict(start)
     model = regime_model(model, spec.get("_regime", "adamw_cosine"))
     cb = None
     if hybrid is not None:
@@ -168,6 +172,33 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
         run.rollbacks, run.kept_phases, run.refused_phases = rep.rollbacks, rep.kept_phases, rep.refused_phases
         run.cost_ratio = None if math.isnan(rep.cost_ratio) else rep.cost_ratio
     return run
+
+
+class _KeepWeights(Callback):
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def on_train_end(self, trainer, pl_module):
+        self.into.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+_PRETRAINED: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+
+def pretrained(spec: dict, seed: int, accelerator: str) -> dict[str, torch.Tensor]:
+    """The ``finetune`` regime's starting weights: the source task trained as the workload is tuned (init seed
+    ``seed``, data seed ``seed`` + the source's ``seed_offset``), once per process and seed."""
+    source = source_spec(spec)
+    source["_data_seed_offset"] = spec["finetune"]["source"].get("seed_offset", 0)
+    key = (json.dumps({k: source[k] for k in ("model", "model_args", "data", "data_args", "steps", "lr",
+                                              "_data_seed_offset")}, sort_keys=True), seed)
+    if key not in _PRETRAINED:
+        kept: list[dict[str, torch.Tensor]] = []
+        run = train(source, "source", source["steps"], source["lr"], 0, None, accelerator, seed=seed,
+                    extra_callbacks=lambda _: [_KeepWeights(kept)])
+        print(f"source task (seed {seed}): final val {run.final_val:.4f}", flush=True)
+        _PRETRAINED[key] = kept[0]
+    return _PRETRAINED[key]
 
 
 def time_to(curve: list[Point], target: float, axis: str = "seconds") -> float | None:
@@ -431,8 +462,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned for comparable timings)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
-    if args.tune and args.regime != "adamw_cosine":
-        p.error("--tune sweeps the workload's own learning rates; use it with the default regime")
+    if args.tune and args.regime not in ("adamw_cosine", "finetune"):
+        p.error("--tune sweeps the workload's own learning rates (finetune's with --regime finetune); use it with "
+                "the default regime or finetune")
     if args.tune_wd and args.regime != "tuned_wd":
         p.error("--tune-wd sweeps the LR and weight decay of the tuned_wd regime; use it with --regime tuned_wd")
     if args.predict_until is not None and not 0 < args.predict_until <= 1:

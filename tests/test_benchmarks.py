@@ -385,6 +385,39 @@ def test_regimes_change_only_what_they_name():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["lr"] == 0.1
 
 
+def test_finetune_regime_trains_at_its_own_lr_from_a_source_task_trained_as_tuned():
+    spec = _quick_mlp()
+    tuned = regimes.regime_spec(spec, "finetune")
+    assert (tuned["lr"], tuned["lr_sweep"]) == (spec["finetune"]["lr"], spec["finetune"]["lr_sweep"])
+    source = regimes.source_spec(tuned)
+    assert (source["lr"], source["_regime"]) == (spec["lr"], "adamw_cosine")  # the workload as tuned
+    gpt = yaml.safe_load((time_to_loss.HERE / "workloads" / "char_gpt.yaml").read_text())
+    gpt_source = regimes.source_spec(regimes.regime_spec(gpt, "finetune"))
+    assert gpt_source["data_args"]["max_bytes"] == gpt["finetune"]["source"]["data_args"]["max_bytes"]
+    assert gpt_source["data_args"]["block_size"] == gpt["data_args"]["block_size"]  # the rest kept
+    with pytest.raises(ValueError, match="finetune entry"):
+        regimes.regime_spec({k: v for k, v in spec.items() if k != "finetune"}, "finetune")
+
+
+def test_finetune_runs_start_from_the_source_weights_trained_once_per_seed(tmp_path):
+    args = argparse.Namespace(quick=True, regime="finetune", val_batches=None, out=tmp_path)
+    spec = time_to_loss.load_spec("mlp", args)
+    start = time_to_loss.pretrained(spec, 0, "cpu")
+    assert time_to_loss.pretrained(spec, 0, "cpu") is start  # cached: the source trains once per seed
+    fresh = time_to_loss._load(spec["model"])(**spec["model_args"], lr=0.1, total_steps=1).state_dict()
+    assert any(not torch.equal(start[k], fresh[k]) for k in fresh)  # trained, not an initialization
+
+    class FirstWeights(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    seen: dict = {}
+    time_to_loss.train(spec, "baseline", 3, spec["lr"], 0, None, "cpu", extra_callbacks=lambda _: [FirstWeights()])
+    assert seen.keys() == start.keys() and all(torch.equal(seen[k], start[k]) for k in start)
+    other = time_to_loss.pretrained(spec, 1, "cpu")
+    assert any(not torch.equal(start[k], other[k]) for k in start)
+
+
 def test_wsd_regime_warms_up_stays_flat_then_decays_linearly_to_the_final_lr():
     spec = _quick_mlp()
     model = time_to_loss._load(spec["model"])(**spec["model_args"], lr=0.1, total_steps=100)

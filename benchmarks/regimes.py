@@ -10,7 +10,9 @@ entry, tuned together by a one-seed grid (``time_to_loss --regime tuned_wd --tun
 MLP and the CNN train without weight decay. ``finetune`` starts every run from the workload trained as tuned
 on a related *source* task (the workload's ``finetune.source``: data-args overrides and a data seed offset;
 here fewer examples of the same task, or the stdlib's first files) and trains at ``finetune.lr``, the best of
-a one-seed sweep (``time_to_loss --regime finetune --tune`` sweeps ``finetune.lr_sweep``).
+a one-seed sweep (``time_to_loss --regime finetune --tune`` sweeps ``finetune.lr_sweep``); ``finetune_wd`` is
+the same with the LR and AdamW weight decay of ``finetune.wd``, a one-seed grid like ``tuned_wd``'s
+(``--regime finetune_wd --tune-wd``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 from hybrid_lightning.examples.common import WarmupCosine, resolve_total_steps
 
-REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd", "tuned_wd", "finetune")
+REGIMES = ("adamw_cosine", "constant_lr", "low_lr", "large_batch", "sgd", "wsd", "tuned_wd", "finetune", "finetune_wd")
+FINETUNE = ("finetune", "finetune_wd")  # the regimes that start from the source task's weights
 WSD_DECAY_START = 0.8  # fraction of the run after which the wsd regime's LR decays
 
 
@@ -63,20 +66,24 @@ def regime_spec(spec: dict, regime: str) -> dict:
             raise ValueError("regime tuned_wd needs the workload's tuned_wd entry ({lr, weight_decay}: the best of "
                              "an LR x weight-decay grid)")
         spec["lr"], spec["model_args"]["weight_decay"] = spec["tuned_wd"]["lr"], spec["tuned_wd"]["weight_decay"]
-    if regime == "finetune":
-        if "finetune" not in spec:
-            raise ValueError("regime finetune needs the workload's finetune entry ({lr, lr_sweep, source: "
-                             "{data_args, seed_offset}})")
+    if regime in FINETUNE:
+        if "finetune" not in spec or (regime == "finetune_wd" and "wd" not in spec["finetune"]):
+            raise ValueError(f"regime {regime} needs the workload's finetune entry ({{lr, lr_sweep, source: "
+                             "{data_args, seed_offset}, wd: {lr, weight_decay, lr_sweep, wd_sweep}}; "
+                             "wd for finetune_wd)")
         # the source task trains as the workload is tuned; the runs being compared, at the fine-tuning LR
-        spec["_source_lr"] = spec["lr"]
-        spec["lr"], spec["lr_sweep"] = spec["finetune"]["lr"], spec["finetune"]["lr_sweep"]
+        spec["_source_lr"], spec["_source_model_args"] = spec["lr"], dict(spec["model_args"])
+        tuned = spec["finetune"]["wd"] if regime == "finetune_wd" else spec["finetune"]
+        spec["lr"], spec["lr_sweep"] = tuned["lr"], tuned["lr_sweep"]
+        if regime == "finetune_wd":
+            spec["model_args"]["weight_decay"] = tuned["weight_decay"]
     return spec
 
 
 def source_spec(spec: dict) -> dict:
     """The ``finetune`` regime's source task: the workload as tuned, with the source's data args."""
     source = spec["finetune"]["source"]
-    return {**spec, "lr": spec["_source_lr"], "_regime": "adamw_cosine",
+    return {**spec, "lr": spec["_source_lr"], "model_args": spec["_source_model_args"], "_regime": "adamw_cosine",
             "data_args": {**spec["data_args"], **source.get("data_args", {})}}
 
 

@@ -6,6 +6,7 @@
     python -m benchmarks.time_to_loss --quick              # tiny CI smoke run
     python -m benchmarks.time_to_loss --regime low_lr      # another training regime (benchmarks/regimes.py)
     python -m benchmarks.time_to_loss --regime finetune --tune  # from a source task's weights, fine-tuning LR swept
+    python -m benchmarks.time_to_loss --regime finetune_wd --tune-wd  # ... or its LR x weight-decay grid
     python -m benchmarks.time_to_loss --regime wsd --predict-until 0.8  # predict in the WSD's stable phase only
     python -m benchmarks.time_to_loss --workloads mlp --layer-lr net.0. net.2. net.4. --layer-lr-factor 2
         # every run (baseline, hybrids, controls) steps the MLP's hidden layers at twice the LR
@@ -43,7 +44,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.layer_lr import ScaledPrefixStep
-from benchmarks.regimes import REGIMES, regime_model, regime_spec, source_spec
+from benchmarks.regimes import FINETUNE, REGIMES, regime_model, regime_spec, source_spec
 from hybrid_lightning import HybridConfig, HybridPredictiveTraining
 
 HERE = Path(__file__).resolve().parent
@@ -143,7 +144,7 @@ def train(spec: dict, kind: str, steps: int, lr: float, repeat: int, hybrid: dic
     """One run. ``seed`` sets the model's initialization and the data order (0 for every comparison run).
     ``extra_callbacks(hybrid_callback_or_None)`` adds callbacks that run before the others (measurement hooks)."""
     run = Run(kind, repeat, steps, lr)
-    start = pretrained(spec, seed, accelerator) if spec.get("_regime") == "finetune" else None  # before seeding
+    start = pretrained(spec, seed, accelerator) if spec.get("_regime") in FINETUNE else None  # before seeding
     L.seed_everything(seed, verbose=False)
     data = _load(spec["data"])(**{**spec["data_args"], "seed": seed + spec.get("_data_seed_offset", 0)})
     model = _load(spec["model"])(**spec["model_args"], lr=lr, total_steps=0)  # schedule length = max_steps
@@ -186,7 +187,7 @@ _PRETRAINED: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
 
 def pretrained(spec: dict, seed: int, accelerator: str) -> dict[str, torch.Tensor]:
-    """The ``finetune`` regime's starting weights: the source task trained as the workload is tuned (init seed
+    """The ``finetune`` regimes' starting weights: the source task trained as the workload is tuned (init seed
     ``seed``, data seed ``seed`` + the source's ``seed_offset``), once per process and seed."""
     source = source_spec(spec)
     source["_data_seed_offset"] = spec["finetune"]["source"].get("seed_offset", 0)
@@ -255,7 +256,7 @@ def run_workload(name: str, args: argparse.Namespace) -> dict:
         lr = min(sweep, key=lambda s: s["final_val"])["lr"]
         print(f"[{name}] tuned lr = {lr:g}", flush=True)
     if args.tune_wd:
-        grid = spec["tuned_wd"]
+        grid = spec["tuned_wd"] if args.regime == "tuned_wd" else spec["finetune"]["wd"]
         for cand_lr in grid["lr_sweep"]:
             for cand in grid["wd_sweep"]:
                 s = {**spec, "model_args": {**spec["model_args"], "weight_decay": cand}}
@@ -455,8 +456,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="validation batches per evaluation in every run (default: the workload's val_batches)")
     p.add_argument("--tune", action="store_true", help="re-run the baseline LR sweep and use its best LR")
     p.add_argument("--tune-wd", action="store_true",
-                   help="with --regime tuned_wd: re-run the baseline's LR x weight-decay grid (tuned_wd's lr_sweep "
-                        "and wd_sweep in the workload YAML, at --seed) and use its best")
+                   help="with --regime tuned_wd or finetune_wd: re-run the baseline's LR x weight-decay grid (the "
+                        "lr_sweep and wd_sweep of tuned_wd or finetune.wd in the workload YAML, at --seed) and "
+                        "use its best")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned for comparable timings)")
@@ -465,8 +467,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.tune and args.regime not in ("adamw_cosine", "finetune"):
         p.error("--tune sweeps the workload's own learning rates (finetune's with --regime finetune); use it with "
                 "the default regime or finetune")
-    if args.tune_wd and args.regime != "tuned_wd":
-        p.error("--tune-wd sweeps the LR and weight decay of the tuned_wd regime; use it with --regime tuned_wd")
+    if args.tune_wd and args.regime not in ("tuned_wd", "finetune_wd"):
+        p.error("--tune-wd sweeps the LR and weight decay of the tuned_wd or finetune_wd regime; use it with one")
     if args.predict_until is not None and not 0 < args.predict_until <= 1:
         p.error("--predict-until must be in (0, 1]")
     torch.set_num_threads(args.threads)

@@ -58,14 +58,17 @@ def test_time_to_loss_trains_every_run_in_the_chosen_regime(tmp_path):
     assert res["regime"] == "sgd" and res["lr"] == spec["sgd_lr"]
     with pytest.raises(SystemExit):
         time_to_loss.main(["--quick", "--tune", "--regime", "low_lr", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):  # the grid belongs to the tuned_wd regime
+    with pytest.raises(SystemExit):  # the grid belongs to the tuned_wd and finetune regimes
         time_to_loss.main(["--quick", "--tune-wd", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # finetune is tuned in LR alone; finetune_wd has the grid
+        time_to_loss.main(["--quick", "--tune-wd", "--regime", "finetune", "--out", str(tmp_path)])
 
 
-def test_time_to_loss_tune_wd_runs_the_grid_and_trains_with_its_best(tmp_path):
+@pytest.mark.parametrize("regime", ["tuned_wd", "finetune_wd"])
+def test_time_to_loss_tune_wd_runs_the_grid_and_trains_with_its_best(tmp_path, regime):
     [res] = time_to_loss.main(["--quick", "--repeats", "1", "--seeds", "1", "--workloads", "mlp", "--variants",
-                               "default", "--regime", "tuned_wd", "--tune-wd", "--out", str(tmp_path)])
-    grid = _quick_mlp()["tuned_wd"]
+                               "default", "--regime", regime, "--tune-wd", "--out", str(tmp_path)])
+    grid = _quick_mlp()["tuned_wd"] if regime == "tuned_wd" else _quick_mlp()["finetune"]["wd"]
     sweep = res["sweep"]
     assert [(s["lr"], s["weight_decay"]) for s in sweep] == [(lr, wd) for lr in grid["lr_sweep"]
                                                              for wd in grid["wd_sweep"]]
@@ -397,6 +400,15 @@ def test_finetune_regime_trains_at_its_own_lr_from_a_source_task_trained_as_tune
     assert gpt_source["data_args"]["block_size"] == gpt["data_args"]["block_size"]  # the rest kept
     with pytest.raises(ValueError, match="finetune entry"):
         regimes.regime_spec({k: v for k, v in spec.items() if k != "finetune"}, "finetune")
+    assert "weight_decay" not in tuned["model_args"]
+    decayed = regimes.regime_spec(spec, "finetune_wd")
+    wd = spec["finetune"]["wd"]
+    assert (decayed["lr"], decayed["model_args"]["weight_decay"]) == (wd["lr"], wd["weight_decay"])
+    assert "weight_decay" not in regimes.source_spec(decayed)["model_args"]  # the fine-tuning runs', not the source's
+    assert regimes.source_spec(decayed)["lr"] == spec["lr"]
+    with pytest.raises(ValueError, match="wd for finetune_wd"):
+        regimes.regime_spec({**spec, "finetune": {k: v for k, v in spec["finetune"].items() if k != "wd"}},
+                            "finetune_wd")
 
 
 def test_finetune_runs_start_from_the_source_weights_trained_once_per_seed(tmp_path):

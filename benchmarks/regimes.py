@@ -81,10 +81,12 @@ def regime_spec(spec: dict, regime: str) -> dict:
 
 
 def source_spec(spec: dict) -> dict:
-    """The ``finetune`` regime's source task: the workload as tuned, with the source's data args."""
+    """The ``finetune`` regimes' source task: the workload as tuned, with the source's data args and data seed
+    offset (``_data_seed_offset``, added to the run's seed for its data)."""
     source = spec["finetune"]["source"]
     return {**spec, "lr": spec["_source_lr"], "model_args": spec["_source_model_args"], "_regime": "adamw_cosine",
-            "data_args": {**spec["data_args"], **source.get("data_args", {})}}
+            "data_args": {**spec["data_args"], **source.get("data_args", {})},
+            "_data_seed_offset": source.get("seed_offset", 0)}
 
 
 def _sgd_optimizers(self: Any) -> dict:  # replaces configure_optimizers for the ``sgd`` regime

@@ -190,7 +190,6 @@ def pretrained(spec: dict, seed: int, accelerator: str) -> dict[str, torch.Tenso
     """The ``finetune`` regimes' starting weights: the source task trained as the workload is tuned (init seed
     ``seed``, data seed ``seed`` + the source's ``seed_offset``), once per process and seed."""
     source = source_spec(spec)
-    source["_data_seed_offset"] = spec["finetune"]["source"].get("seed_offset", 0)
     key = (json.dumps({k: source[k] for k in ("model", "model_args", "data", "data_args", "steps", "lr",
                                               "_data_seed_offset")}, sort_keys=True), seed)
     if key not in _PRETRAINED:

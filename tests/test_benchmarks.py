@@ -398,6 +398,7 @@ def test_finetune_regime_trains_at_its_own_lr_from_a_source_task_trained_as_tune
     gpt_source = regimes.source_spec(regimes.regime_spec(gpt, "finetune"))
     assert gpt_source["data_args"]["max_bytes"] == gpt["finetune"]["source"]["data_args"]["max_bytes"]
     assert gpt_source["data_args"]["block_size"] == gpt["data_args"]["block_size"]  # the rest kept
+    assert gpt_source["_data_seed_offset"] == gpt["finetune"]["source"]["seed_offset"]
     with pytest.raises(ValueError, match="finetune entry"):
         regimes.regime_spec({k: v for k, v in spec.items() if k != "finetune"}, "finetune")
     assert "weight_decay" not in tuned["model_args"]
@@ -497,6 +498,8 @@ def test_predictor_value_runs_anchor_the_lasting_value(capsys):
     assert null["refused"] == 0 and null["median_step_length"] == 1.0  # the control is never line-searched
     assert tail["refused"] + tail["phases"] > 0 and tail["median_step_length"] in (None, 0.5, 2.0)
     assert math.isfinite(real["final_val"]) and "| mlp | sgd | null |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # its runs start from an initialization, never from a source task's weights
+        predictor_value.main(["--quick", "--regimes", "finetune"])
 
 
 def test_predictor_value_control_and_unguarded_runs():

@@ -10,6 +10,7 @@
     python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --val-batches 32  # the CNN's whole val set
     python -m benchmarks.jump_sweep --points 24:32 --workloads cnn --only-layers head.0.  # the rest unmoved
     python -m benchmarks.jump_sweep --points 24:32 --tangential   # jumps that turn each tensor, not grow it
+    python -m benchmarks.jump_sweep --points 24:32 --direction random  # control: as far, in a random direction
     python -m benchmarks.jump_sweep --summarize DIR0 DIR1 DIR2   # the points the sweeps share, per seed
 
 Per workload, in one process: plain training, then each point as the workload's
@@ -92,16 +93,48 @@ class LayerMaskedDrift(Drift):
         return disp
 
 
-def masked_drift(cfg: dict, prefixes: list[str] | None):
-    """A ``dynamics_factory`` for ``train``: the drift predictor of ``cfg`` moving only ``prefixes``' layers."""
+DIRECTIONS = ("drift", "negative", "random")
+
+
+class ControlDrift(Drift):
+    """Research control: a jump as long as the drift predictor's, per tensor, in another direction: ``negative``
+    (back along the drift) or ``random`` (a Gaussian direction from a generator seeded with ``seed``, scaled to
+    each tensor's norm of the drift). If the drift's jumps pay and these do not, its direction is the point."""
+
+    def __init__(self, n_layers: int, rank: int, span: int, gain: float, direction: str, seed: int = 0) -> None:
+        super().__init__(n_layers, rank, span, gain)
+        if direction not in ("negative", "random"):
+            raise ValueError(f"direction must be negative or random, got {direction!r}")
+        self.direction = direction
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def predict_displacement(self, trajectory, steps: int):
+        disp = super().predict_displacement(trajectory, steps)
+        if disp is None or self.direction == "negative":
+            return None if disp is None else disp.neg_()
+        noise = torch.randn(disp.shape, generator=self._gen, dtype=disp.dtype)
+        for d, z in zip(disp.split(trajectory.numels), noise.split(trajectory.numels)):
+            zn = z.norm()
+            d.copy_(z * (d.norm() / zn) if zn > 0 else z)
+        return disp
+
+
+def masked_drift(cfg: dict, prefixes: list[str] | None, direction: str = "drift", seed: int = 0):
+    """A ``dynamics_factory`` for ``train``: the drift predictor of ``cfg`` moving only ``prefixes``' layers, or
+    its ``direction`` control (None: the plain predictor of ``cfg``)."""
+    dyn = HybridConfig.from_dict(cfg).dynamics
+    if direction != "drift":
+        if prefixes:
+            raise ValueError("a control direction moves every layer: not with prefixes")
+        return lambda n_layers, rank: ControlDrift(n_layers, rank, dyn.drift_span, dyn.drift_gain, direction, seed)
     if not prefixes:
         return None
-    dyn = HybridConfig.from_dict(cfg).dynamics
     return lambda n_layers, rank: LayerMaskedDrift(n_layers, rank, dyn.drift_span, dyn.drift_gain, tuple(prefixes))
 
 
 def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window: tuple[float, float],
-         val_batches: int | None = None, only_layers: tuple[str, ...] = (), tangential: bool = False) -> str:
+         val_batches: int | None = None, only_layers: tuple[str, ...] = (), tangential: bool = False,
+         direction: str = "drift") -> str:
     """How the jumps of a sweep were run, from its ``_setup`` (less the regime)."""
     ramp = f" ramping the gain from {start_scale:g} of it" if judge and start_scale != 1 else ""
     return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps{ramp}" if judge else "")
@@ -109,7 +142,9 @@ def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window:
             + ("" if window == (0.0, 1.0) else f", only from {window[0]:g} to {window[1]:g} of the run")
             + ("" if val_batches is None else f", validation on {val_batches} batches per evaluation")
             + ("" if not only_layers else f", moving only {' / '.join(only_layers)}")
-            + (", tangential (each tensor's part along itself removed)" if tangential else ""))
+            + (", tangential (each tensor's part along itself removed)" if tangential else "")
+            + {"drift": "", "negative": ", control: back along the drift",
+               "random": ", control: a random direction with each tensor's norm of the drift"}[direction])
 
 
 class EndTrainLoss(Callback):
@@ -155,15 +190,15 @@ def table(sweep: dict) -> str:
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
     seed, and their mean. All in one regime, guard, judge, ramp, after-jump state, window of the run,
-    validation size, moved layers and tangential setting; sweeps of the same seed are merged (a point run
+    validation size, moved layers, tangential setting and direction; sweeps of the same seed are merged (a point run
     twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
         if sweeps and _setup(s) != _setup(sweeps[0]):
             raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state, window, validation size, "
-                             f"moved layers or tangential setting than {dirs[0]}; summarize one kind of sweep at a "
-                             "time")
+                             f"moved layers, tangential setting or direction than {dirs[0]}; summarize one kind "
+                             "of sweep at a time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
             sweeps.append(s)
@@ -204,7 +239,7 @@ def summarize(dirs: list[Path]) -> str:
 def _setup(sweep: dict) -> tuple:
     return (sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep"),
             sweep.get("judge_start_scale", 1.0), tuple(sweep.get("window", (0.0, 1.0))), sweep.get("val_batches"),
-            tuple(sweep.get("only_layers") or ()), sweep.get("tangential", False))
+            tuple(sweep.get("only_layers") or ()), sweep.get("tangential", False), sweep.get("direction", "drift"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
@@ -233,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                    help="jumps move only the parameters whose names start with these (research; default: all)")
     p.add_argument("--tangential", action="store_true",
                    help="jumps less each tensor's part along its own values (dynamics.tangential; default: off)")
+    p.add_argument("--direction", choices=DIRECTIONS, default="drift",
+                   help="control: jump as far as the drift, per tensor, but back along it (negative) or in a random "
+                        "direction seeded by --seed (random); default: along the drift")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -244,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         return {}
     if args.judge_start_scale != 1 and not args.judge:
         p.error("--judge-start-scale ramps the block judge's jumps: it needs --judge BLOCK")
+    if args.direction != "drift" and args.only_layers:
+        p.error("--direction moves every layer: not with --only-layers")
     if not 0 <= args.start < args.until <= 1:
         p.error(f"need 0 <= --start < --until <= 1, got {args.start:g} and {args.until:g}")
     torch.set_num_threads(args.threads)
@@ -267,15 +307,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                               args.judge_start_scale, args.tangential)
             if args.start:
                 cfg["warmup_steps"] = max(cfg.get("warmup_steps", 0), round(args.start * n))
-            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", masked_drift(cfg, args.only_layers),
-                      seed=args.seed, extra_callbacks=extra)
+            factory = masked_drift(cfg, args.only_layers, args.direction, args.seed)
+            h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", factory, seed=args.seed,
+                      extra_callbacks=extra)
             rows.append(row(f"{k}:{gain:g}", h, base, ends[-1].value))
             print(f"[{name}] {k}:{gain:g}: final val {h.final_val:.4f}", flush=True)
         results[name] = rows
     sweep = {"seed": args.seed, "regime": args.regime, "guarded": args.guarded, "judge": args.judge,
              "after_jump": args.after_jump, "judge_start_scale": args.judge_start_scale,
              "window": [args.start, args.until], "val_batches": args.val_batches, "only_layers": args.only_layers,
-             "tangential": args.tangential, "results": results}
+             "tangential": args.tangential, "direction": args.direction, "results": results}
     (args.out / "jump_sweep.json").write_text(json.dumps(sweep, indent=1))
     md = table(sweep)
     (args.out / "jump_sweep.md").write_text(md)

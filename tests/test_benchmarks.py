@@ -261,6 +261,36 @@ def test_layer_masked_drift_moves_only_the_named_layers_by_the_drift(tmp_path):
     assert "moving only net.0." in (tmp_path / "jump_sweep.md").read_text()
 
 
+def test_control_drift_jumps_as_far_as_the_drift_but_back_or_in_a_random_direction(tmp_path):
+    traj = types.SimpleNamespace(names=["a", "b"], numels=[6, 3])
+    moved = torch.arange(1.0, 10.0)
+
+    def built(direction, seed=0):
+        d = jump_sweep.ControlDrift(2, 1, span=1, gain=2.0, direction=direction, seed=seed)
+        d._snaps.extend([(0, torch.zeros(9)), (8, moved.clone())])
+        return d.predict_displacement(traj, 4)
+
+    full = moved * 2.0 * 4 / 8
+    assert torch.equal(built("negative"), -full)
+    rand = built("random")
+    for r, f in zip(rand.split([6, 3]), full.split([6, 3])):
+        assert torch.allclose(r.norm(), f.norm())  # as far, per tensor
+        assert abs(torch.nn.functional.cosine_similarity(r, f, dim=0)) < 0.99  # not along the drift
+    assert torch.equal(built("random"), rand) and not torch.equal(built("random", seed=1), rand)
+    with pytest.raises(ValueError, match="negative or random"):
+        jump_sweep.ControlDrift(2, 1, span=1, gain=2.0, direction="drift")
+    cfg = jump_sweep.jump_config("mlp", 12, 8.0)
+    assert jump_sweep.masked_drift(cfg, None, "drift") is None
+    assert jump_sweep.masked_drift(cfg, None, "negative")(3, 1).direction == "negative"
+    with pytest.raises(ValueError, match="every layer"):
+        jump_sweep.masked_drift(cfg, ["net.0."], "random")
+    jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--direction", "random",
+                     "--out", str(tmp_path)])
+    sweep = json.loads((tmp_path / "jump_sweep.json").read_text())
+    assert sweep["direction"] == "random"
+    assert "control: a random direction" in (tmp_path / "jump_sweep.md").read_text()
+
+
 def test_jump_sweep_summary_lists_the_points_every_seed_ran_with_their_mean_change(tmp_path):
     def sweep(seed: int, rows: list[tuple[str, float]], name: str = "") -> str:
         d = tmp_path / (name or f"s{seed}")

@@ -50,13 +50,15 @@ def point(text: str) -> tuple[int, float]:
 
 
 def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bool = False, judge: int = 0,
-                after_jump: str = "keep", start_scale: float = 1.0, tangential: bool = False) -> dict:
+                after_jump: str = "keep", start_scale: float = 1.0, tangential: bool = False,
+                span: int | None = None) -> dict:
     """The workload's one-step-jump variant with K real steps between jumps and the given gain (``quick``:
     after a 10-step warmup and a 2-observation span, for the tiny smoke-test sizes, whose spec has no such
     variant; ``guarded``: the default guard judges every jump on its probe batch and rolls back the ones
     that raise its loss; ``judge``: the block judge's ``judge.block``, 0 for none, and ``start_scale`` its
     ``judge.start_scale``; ``after_jump``: what the optimizer state does after a kept jump; ``tangential``:
-    ``dynamics.tangential``, jumps that turn each tensor without growing it)."""
+    ``dynamics.tangential``, jumps that turn each tensor without growing it; ``span``: ``dynamics.drift_span``,
+    None for the variant's)."""
     base = dict(yaml.safe_load((HERE / "workloads" / f"{name}.yaml").read_text())["hybrids"][BASE_VARIANT])
     if guarded:
         del base["divergence"]
@@ -69,6 +71,8 @@ def jump_config(name: str, k: int, gain: float, quick: bool = False, guarded: bo
         base["after_jump"] = after_jump
     if tangential:
         base["dynamics"]["tangential"] = True
+    if span is not None:
+        base["dynamics"]["drift_span"] = span
     return base
 
 
@@ -134,7 +138,7 @@ def masked_drift(cfg: dict, prefixes: list[str] | None, direction: str = "drift"
 
 def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window: tuple[float, float],
          val_batches: int | None = None, only_layers: tuple[str, ...] = (), tangential: bool = False,
-         direction: str = "drift") -> str:
+         direction: str = "drift", span: int | None = None) -> str:
     """How the jumps of a sweep were run, from its ``_setup`` (less the regime)."""
     ramp = f" ramping the gain from {start_scale:g} of it" if judge and start_scale != 1 else ""
     return (("guarded" if guarded else "unguarded") + (f", block judge of {judge} steps{ramp}" if judge else "")
@@ -144,7 +148,8 @@ def kind(guarded: bool, judge: int, after_jump: str, start_scale: float, window:
             + ("" if not only_layers else f", moving only {' / '.join(only_layers)}")
             + (", tangential (each tensor's part along itself removed)" if tangential else "")
             + {"drift": "", "negative": ", control: back along the drift",
-               "random": ", control: a random direction with each tensor's norm of the drift"}[direction])
+               "random": ", control: a random direction with each tensor's norm of the drift"}[direction]
+            + ("" if span is None else f", the drift over {span} observations"))
 
 
 class EndTrainLoss(Callback):
@@ -190,14 +195,14 @@ def table(sweep: dict) -> str:
 def summarize(dirs: list[Path]) -> str:
     """Per workload and point that every seed's sweeps in ``dirs`` ran: the change against plain training per
     seed, and their mean. All in one regime, guard, judge, ramp, after-jump state, window of the run,
-    validation size, moved layers, tangential setting and direction; sweeps of the same seed are merged (a point run
-    twice: the first)."""
+    validation size, moved layers, tangential setting, direction and span; sweeps of the same seed are merged
+    (a point run twice: the first)."""
     sweeps: list[dict] = []
     for d in dirs:
         s = json.loads((d / "jump_sweep.json").read_text())
         if sweeps and _setup(s) != _setup(sweeps[0]):
             raise SystemExit(f"{d}: another regime, guard, judge, ramp, after-jump state, window, validation size, "
-                             f"moved layers, tangential setting or direction than {dirs[0]}; summarize one kind "
+                             f"moved layers, tangential setting, direction or span than {dirs[0]}; summarize one kind "
                              "of sweep at a time")
         same = next((x for x in sweeps if x["seed"] == s["seed"]), None)
         if same is None:
@@ -239,7 +244,8 @@ def summarize(dirs: list[Path]) -> str:
 def _setup(sweep: dict) -> tuple:
     return (sweep["regime"], sweep.get("guarded", False), sweep.get("judge", 0), sweep.get("after_jump", "keep"),
             sweep.get("judge_start_scale", 1.0), tuple(sweep.get("window", (0.0, 1.0))), sweep.get("val_batches"),
-            tuple(sweep.get("only_layers") or ()), sweep.get("tangential", False), sweep.get("direction", "drift"))
+            tuple(sweep.get("only_layers") or ()), sweep.get("tangential", False), sweep.get("direction", "drift"),
+            sweep.get("span"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
@@ -271,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--direction", choices=DIRECTIONS, default="drift",
                    help="control: jump as far as the drift, per tensor, but back along it (negative) or in a random "
                         "direction seeded by --seed (random); default: along the drift")
+    p.add_argument("--span", type=int, default=None, metavar="N",
+                   help="the drift's velocity over N observations of trajectory.stride real steps "
+                        "(dynamics.drift_span; default: the variant's, 10)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -282,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         return {}
     if args.judge_start_scale != 1 and not args.judge:
         p.error("--judge-start-scale ramps the block judge's jumps: it needs --judge BLOCK")
+    if args.span is not None and args.span < 1:
+        p.error(f"--span must be >= 1 observation, got {args.span}")
     if args.direction != "drift" and args.only_layers:
         p.error("--direction moves every layer: not with --only-layers")
     if not 0 <= args.start < args.until <= 1:
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         print(f"[{name}] plain: final val {base.final_val:.4f}", flush=True)
         for k, gain in args.points:
             cfg = jump_config(name, k, gain, args.quick, args.guarded, args.judge, args.after_jump,
-                              args.judge_start_scale, args.tangential)
+                              args.judge_start_scale, args.tangential, args.span)
             if args.start:
                 cfg["warmup_steps"] = max(cfg.get("warmup_steps", 0), round(args.start * n))
             factory = masked_drift(cfg, args.only_layers, args.direction, args.seed)
@@ -316,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     sweep = {"seed": args.seed, "regime": args.regime, "guarded": args.guarded, "judge": args.judge,
              "after_jump": args.after_jump, "judge_start_scale": args.judge_start_scale,
              "window": [args.start, args.until], "val_batches": args.val_batches, "only_layers": args.only_layers,
-             "tangential": args.tangential, "direction": args.direction, "results": results}
+             "tangential": args.tangential, "direction": args.direction, "span": args.span,
+             "results": results}
     (args.out / "jump_sweep.json").write_text(json.dumps(sweep, indent=1))
     md = table(sweep)
     (args.out / "jump_sweep.md").write_text(md)

@@ -219,10 +219,20 @@ def test_jump_sweep_jumps_with_the_points_k_and_gain_and_compares_with_plain_tra
     assert "validation on 1 batches per evaluation" in (tmp_path / "one" / "jump_sweep.md").read_text()
     with pytest.raises(SystemExit, match="validation size"):
         jump_sweep.summarize([tmp_path, tmp_path / "one"])
+    # the drift's velocity over another span: the same skipped passes, another trajectory
+    assert "drift_span" not in cfg["dynamics"]
+    assert jump_sweep.jump_config("mlp", 12, 8.0, span=30)["dynamics"]["drift_span"] == 30
+    spanned = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--span", "3",
+                               "--out", str(tmp_path / "spanned")])
+    assert spanned["mlp"][1]["final_val"] != a["final_val"]
+    assert json.loads((tmp_path / "spanned" / "jump_sweep.json").read_text())["span"] == 3
+    assert "the drift over 3 observations" in (tmp_path / "spanned" / "jump_sweep.md").read_text()
+    with pytest.raises(SystemExit, match="span"):
+        jump_sweep.summarize([tmp_path, tmp_path / "spanned"])
     with pytest.raises(SystemExit):
         jump_sweep.main(["--points", "24"])
     for bad in (["--judge-start-scale", "0.5"], ["--start", "0.6", "--until", "0.5"], ["--until", "1.5"],
-                ["--val-batches", "0"]):
+                ["--val-batches", "0"], ["--span", "0"]):
         with pytest.raises(SystemExit):
             jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", *bad, "--out", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists()  # refused before anything ran

@@ -103,13 +103,17 @@ DIRECTIONS = ("drift", "negative", "random")
 class ControlDrift(Drift):
     """Research control: a jump as long as the drift predictor's, per tensor, in another direction: ``negative``
     (back along the drift) or ``random`` (a Gaussian direction from a generator seeded with ``seed``, scaled to
-    each tensor's norm of the drift). If the drift's jumps pay and these do not, its direction is the point."""
+    each tensor's norm of the drift). With ``tangential`` (the config's ``dynamics.tangential``, which the engine
+    applies after the predictor) both the drift and the random direction are projected first, so the applied
+    jumps have the same per-tensor lengths. If the drift's jumps pay and these do not, its direction is the
+    point."""
 
-    def __init__(self, n_layers: int, rank: int, span: int, gain: float, direction: str, seed: int = 0) -> None:
+    def __init__(self, n_layers: int, rank: int, span: int, gain: float, direction: str, seed: int = 0,
+                 tangential: bool = False) -> None:
         super().__init__(n_layers, rank, span, gain)
         if direction not in ("negative", "random"):
             raise ValueError(f"direction must be negative or random, got {direction!r}")
-        self.direction = direction
+        self.direction, self.tangential = direction, tangential
         self._gen = torch.Generator().manual_seed(seed)
 
     def predict_displacement(self, trajectory, steps: int):
@@ -117,6 +121,8 @@ class ControlDrift(Drift):
         if disp is None or self.direction == "negative":
             return None if disp is None else disp.neg_()
         noise = torch.randn(disp.shape, generator=self._gen, dtype=disp.dtype)
+        if self.tangential:  # the engine's projection then leaves both as they are
+            disp, noise = trajectory.tangential(disp), trajectory.tangential(noise)
         for d, z in zip(disp.split(trajectory.numels), noise.split(trajectory.numels)):
             zn = z.norm()
             d.copy_(z * (d.norm() / zn) if zn > 0 else z)
@@ -130,7 +136,8 @@ def masked_drift(cfg: dict, prefixes: list[str] | None, direction: str = "drift"
     if direction != "drift":
         if prefixes:
             raise ValueError("a control direction moves every layer: not with prefixes")
-        return lambda n_layers, rank: ControlDrift(n_layers, rank, dyn.drift_span, dyn.drift_gain, direction, seed)
+        return lambda n_layers, rank: ControlDrift(n_layers, rank, dyn.drift_span, dyn.drift_gain, direction, seed,
+                                                   dyn.tangential)
     if not prefixes:
         return None
     return lambda n_layers, rank: LayerMaskedDrift(n_layers, rank, dyn.drift_span, dyn.drift_gain, tuple(prefixes))

@@ -27,6 +27,7 @@ from benchmarks import (
     time_to_loss,
 )
 from hybrid_lightning.core.divergence import DivergenceMonitor
+from hybrid_lightning.core.trajectory import Trajectory
 
 KEYS = {"workload", "speedup_vs_baseline", "speedup_vs_equal_compute", "final_val_baseline", "final_val_hybrid",
         "predict_fraction", "rollbacks"}
@@ -289,6 +290,16 @@ def test_control_drift_jumps_as_far_as_the_drift_but_back_or_in_a_random_directi
     assert torch.equal(built("random"), rand) and not torch.equal(built("random", seed=1), rand)
     with pytest.raises(ValueError, match="negative or random"):
         jump_sweep.ControlDrift(2, 1, span=1, gain=2.0, direction="drift")
+    # tangential jumps: the random direction is as long as the *projected* drift, and projected itself
+    params = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0, 0.0])]
+    real = Trajectory(params)
+    turned = jump_sweep.ControlDrift(2, 1, span=1, gain=1.0, direction="random", tangential=True)
+    turned._snaps.extend([(0, torch.zeros(5)), (1, torch.tensor([3.0, 4.0, 1.0, 1.0, 0.0]))])
+    out = turned.predict_displacement(real, 1)
+    projected = real.tangential(torch.tensor([3.0, 4.0, 1.0, 1.0, 0.0]))  # [0, 0, 0, 1, 0]: along itself removed
+    for o, f, w in zip(out.split([2, 3]), projected.split([2, 3]), params):
+        assert torch.allclose(o.norm(), f.norm()) and abs(float(o @ w)) < 1e-5
+    assert torch.allclose(real.tangential(out), out, atol=1e-6)  # the engine's projection changes nothing
     cfg = jump_sweep.jump_config("mlp", 12, 8.0)
     assert jump_sweep.masked_drift(cfg, None, "drift") is None
     assert jump_sweep.masked_drift(cfg, None, "negative")(3, 1).direction == "negative"

@@ -118,8 +118,10 @@ class ControlDrift(Drift):
 
     def predict_displacement(self, trajectory, steps: int):
         disp = super().predict_displacement(trajectory, steps)
-        if disp is None or self.direction == "negative":
-            return None if disp is None else disp.neg_()
+        if disp is None:
+            return None
+        if self.direction == "negative":
+            return disp.neg_()
         noise = torch.randn(disp.shape, generator=self._gen, dtype=disp.dtype)
         if self.tangential:  # the engine's projection then leaves both as they are
             disp, noise = trajectory.tangential(disp), trajectory.tangential(noise)
@@ -129,7 +131,7 @@ class ControlDrift(Drift):
         return disp
 
 
-def masked_drift(cfg: dict, prefixes: list[str] | None, direction: str = "drift", seed: int = 0):
+def drift_factory(cfg: dict, prefixes: list[str] | None, direction: str = "drift", seed: int = 0):
     """A ``dynamics_factory`` for ``train``: the drift predictor of ``cfg`` moving only ``prefixes``' layers, or
     its ``direction`` control (None: the plain predictor of ``cfg``)."""
     dyn = HybridConfig.from_dict(cfg).dynamics
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                               args.judge_start_scale, args.tangential, args.span)
             if args.start:
                 cfg["warmup_steps"] = max(cfg.get("warmup_steps", 0), round(args.start * n))
-            factory = masked_drift(cfg, args.only_layers, args.direction, args.seed)
+            factory = drift_factory(cfg, args.only_layers, args.direction, args.seed)
             h = train(spec, f"hybrid:{k}:{gain:g}", n, lr, 0, cfg, "cpu", factory, seed=args.seed,
                       extra_callbacks=extra)
             rows.append(row(f"{k}:{gain:g}", h, base, ends[-1].value))

@@ -262,8 +262,8 @@ def test_layer_masked_drift_moves_only_the_named_layers_by_the_drift(tmp_path):
     nothing._snaps.extend([(0, torch.zeros(9)), (8, moved.clone())])
     with pytest.raises(ValueError, match="no parameter name starts with head"):
         nothing.predict_displacement(traj, 4)
-    assert jump_sweep.masked_drift({"predictor": "drift"}, None) is None
-    built = jump_sweep.masked_drift(jump_sweep.jump_config("mlp", 12, 8.0), ["net.2"])(3, 1)
+    assert jump_sweep.drift_factory({"predictor": "drift"}, None) is None
+    built = jump_sweep.drift_factory(jump_sweep.jump_config("mlp", 12, 8.0), ["net.2"])(3, 1)
     assert (built.gain, built.span, built.prefixes) == (8.0, 10, ("net.2",))
     res = jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--only-layers", "net.0.",
                            "--out", str(tmp_path)])
@@ -301,10 +301,10 @@ def test_control_drift_jumps_as_far_as_the_drift_but_back_or_in_a_random_directi
         assert torch.allclose(o.norm(), f.norm()) and abs(float(o @ w)) < 1e-5
     assert torch.allclose(real.tangential(out), out, atol=1e-6)  # the engine's projection changes nothing
     cfg = jump_sweep.jump_config("mlp", 12, 8.0)
-    assert jump_sweep.masked_drift(cfg, None, "drift") is None
-    assert jump_sweep.masked_drift(cfg, None, "negative")(3, 1).direction == "negative"
+    assert jump_sweep.drift_factory(cfg, None, "drift") is None
+    assert jump_sweep.drift_factory(cfg, None, "negative")(3, 1).direction == "negative"
     with pytest.raises(ValueError, match="every layer"):
-        jump_sweep.masked_drift(cfg, ["net.0."], "random")
+        jump_sweep.drift_factory(cfg, ["net.0."], "random")
     jump_sweep.main(["--quick", "--workloads", "mlp", "--points", "4:4", "--direction", "random",
                      "--out", str(tmp_path)])
     sweep = json.loads((tmp_path / "jump_sweep.json").read_text())
